@@ -1,0 +1,28 @@
+"""lumos — explain and visualize neural networks.
+
+The public surface is deliberately small::
+
+    import lumos
+    exp = lumos.explain(model, x, method="integrated_gradients", target=y)
+    lumos.methods()          # every registered method
+    lumos.load_explanation("run.lumos")
+"""
+
+from __future__ import annotations
+
+from lumos import zoo
+from lumos.api import explain, methods
+from lumos.core.errors import LumosError
+from lumos.core.explanation import Explanation, load_explanation
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Explanation",
+    "LumosError",
+    "__version__",
+    "explain",
+    "load_explanation",
+    "methods",
+    "zoo",
+]

@@ -1,0 +1,180 @@
+"""Models: addressing layers by dotted path, registering hooks that always go away, and leaving
+the user's model exactly as it was handed to us."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from lumos.core.errors import InputError, UnsupportedModelError, unknown_name
+
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_state_dict_hooks",
+    "_load_state_dict_pre_hooks",
+)
+
+
+def check_model(model: Any) -> None:
+    """A model is an `nn.Module` or any callable from a batch to outputs."""
+    if not callable(model):
+        raise InputError(
+            f"model must be a torch.nn.Module or a callable from a batch to outputs, got "
+            f"{type(model).__name__}."
+        )
+
+
+def resolve_layer(model: Any, layer: str | nn.Module) -> tuple[str, nn.Module]:
+    """`(dotted path, module)` for a layer given by path ("layer4.1.conv2") or module object."""
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModelError(
+            "Layer methods need a torch.nn.Module; a plain callable has no layers."
+        )
+    names = {name: module for name, module in model.named_modules() if name}
+    if isinstance(layer, nn.Module):
+        for name, module in model.named_modules():
+            if module is layer:
+                return name, module
+        raise InputError(
+            f"The layer {type(layer).__name__} given as a module object is not part of the model."
+        )
+    if not isinstance(layer, str):
+        raise InputError(
+            f"layer must be a dotted module path or a module, got {type(layer).__name__}."
+        )
+    if layer in names:
+        return layer, names[layer]
+    raise unknown_name("layer", layer, names)
+
+
+@contextlib.contextmanager
+def hooks(*handles_factories: Callable[[], Any]) -> Iterator[list]:
+    """Register hooks from factories (each returns a handle) and remove them all on exit."""
+    handles: list = []
+    try:
+        for factory in handles_factories:
+            handles.append(factory())
+        yield handles
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class ModelState:
+    """A snapshot of everything about a module that an explanation must not change."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.modules = list(model.modules())
+        self.training = [m.training for m in self.modules]
+        self.hook_keys = [
+            {attr: set(getattr(m, attr, {}) or {}) for attr in _HOOK_DICTS} for m in self.modules
+        ]
+        self.params = list(model.parameters())
+        self.requires_grad = [p.requires_grad for p in self.params]
+        self.grads = [p.grad for p in self.params]
+        self.grad_versions = [None if p.grad is None else p.grad._version for p in self.params]
+
+    def restore(self) -> None:
+        """Remove hooks added since the snapshot and restore modes, flags and `.grad` fields."""
+        for module, training, keys in zip(self.modules, self.training, self.hook_keys):
+            module.training = training
+            for attr, before in keys.items():
+                current = getattr(module, attr, None)
+                if current:
+                    for key in [k for k in current if k not in before]:
+                        del current[key]
+        for p, flag, grad in zip(self.params, self.requires_grad, self.grads):
+            if p.requires_grad != flag:
+                p.requires_grad_(flag)
+            if p.grad is not grad:
+                p.grad = grad
+
+
+@contextlib.contextmanager
+def preserved(model: Any, *, freeze: bool = True) -> Iterator[None]:
+    """Run a block and leave `model` as it was: mode, hooks, `requires_grad`, `.grad`.
+
+    With `freeze`, parameters stop requiring gradients inside the block: gradient methods
+    differentiate with respect to the inputs only, and autograd then skips weight gradients.
+    """
+    if not isinstance(model, nn.Module):
+        yield
+        return
+    state = ModelState(model)
+    try:
+        if freeze:
+            for p in state.params:
+                p.requires_grad_(False)
+        yield
+    finally:
+        state.restore()
+
+
+def model_device(model: Any, default: torch.device | None = None) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for callables)."""
+    if isinstance(model, nn.Module):
+        for tensor in model.parameters():
+            return tensor.device
+        for tensor in model.buffers():
+            return tensor.device
+    return default or torch.device("cpu")
+
+
+def unwrap_compiled(model: Any) -> Any:
+    """The eager module behind a `torch.compile` wrapper (its hooks and function modes work)."""
+    return getattr(model, "_orig_mod", model)
+
+
+def is_scripted(model: Any) -> bool:
+    return isinstance(model, (torch.jit.ScriptModule, torch.jit.ScriptFunction))
+
+
+class LayerRecorder:
+    """Records a layer's output on every forward pass while active, optionally replacing it.
+
+    ``with LayerRecorder(module) as rec: model(x)`` leaves the outputs in `rec.outputs` (with
+    their autograd graph, so gradients w.r.t. the layer can be taken). `replace`, when given, maps
+    the layer's output to the value the rest of the network sees (layer IG interpolates there;
+    ablation zeroes channels). The hook is always removed on exit.
+    """
+
+    def __init__(self, module: nn.Module, replace: Callable[[Any], Any] | None = None) -> None:
+        self.module, self.replace = module, replace
+        self.outputs: list[Any] = []
+        self._handle = None
+
+    def _hook(self, module: nn.Module, args: Any, output: Any) -> Any:
+        if self.replace is not None:
+            output = self.replace(output)
+        self.outputs.append(output)
+        return output if self.replace is not None else None
+
+    def __enter__(self) -> LayerRecorder:
+        self._handle = self.module.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    @property
+    def output(self) -> Any:
+        """The single recorded output; a layer called several times per forward is an error."""
+        if len(self.outputs) != 1:
+            raise UnsupportedModelError(
+                f"The layer was called {len(self.outputs)} times in one forward pass; layer "
+                "methods need a layer that runs exactly once. Pick a module used once."
+            )
+        return self.outputs[0]

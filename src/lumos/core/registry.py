@@ -1,0 +1,109 @@
+"""The method registry: `@register` a `Method` subclass and it is listed by `lumos.methods()`,
+reachable by name from `lumos.explain`, the CLI, the report and the test suite."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+from lumos.core.errors import unknown_name
+
+_REGISTRY: dict[str, type] = {}
+FAMILIES = ("gradient", "propagation", "cam", "layer", "neuron", "perturbation", "shapley")
+NEEDS = ("gradients", "layer", "black_box", "neuron", "baselines")
+
+
+def register(name: str, *, family: str, needs: set[str] | frozenset[str] = frozenset()):
+    """Class decorator that registers a method under `name` with its family and requirements.
+
+    `needs` says what the method requires: ``gradients`` (a differentiable torch model),
+    ``layer`` (a `layer=` option), ``neuron`` (a `neuron=` option), ``baselines`` (a background
+    set), or ``black_box`` (only the model's outputs, so any callable works).
+    """
+    unknown = set(needs) - set(NEEDS)
+    if unknown:
+        raise ValueError(f"unknown needs {sorted(unknown)} for {name}; use {NEEDS}")
+
+    def decorate(cls: type) -> type:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"method name {name!r} is registered twice")
+        cls.name = name
+        cls.family = family
+        cls.needs = frozenset(needs)
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def _load_all() -> None:
+    """Import every method module so that its `@register` decorators run."""
+    import importlib
+    import pkgutil
+
+    import lumos.attribution as package
+
+    for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+        importlib.import_module(info.name)
+
+
+def get_method(name: str) -> type:
+    """The registered class for `name`, or an `UnknownNameError` with the closest names."""
+    _load_all()
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise unknown_name("method", str(name), _REGISTRY)
+    return _REGISTRY[name]
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """One row of `lumos.methods()`."""
+
+    name: str
+    family: str
+    needs: frozenset[str]
+    summary: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        needs = ",".join(sorted(self.needs)) or "-"
+        return f"{self.name:<28} {self.family:<13} {needs:<20} {self.summary}"
+
+
+def method_options(cls: type) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Keyword options of the constructor and of `explain`, with their defaults."""
+
+    def keywords(fn, skip: set[str]) -> dict[str, Any]:
+        params = inspect.signature(fn).parameters.values()
+        return {
+            p.name: (None if p.default is inspect.Parameter.empty else p.default)
+            for p in params
+            if p.name not in skip and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+        }
+
+    return keywords(cls.__init__, {"self", "model"}), keywords(
+        cls.explain, {"self", "inputs", "target"}
+    )
+
+
+def methods(family: str | None = None) -> list[MethodInfo]:
+    """Every registered method (optionally of one family), sorted by family then name."""
+    _load_all()
+    rows = []
+    for name, cls in _REGISTRY.items():
+        if family is not None and cls.family != family:
+            continue
+        init_options, call_options = method_options(cls)
+        summary = (inspect.getdoc(cls) or "").strip().splitlines()
+        rows.append(
+            MethodInfo(
+                name=name,
+                family=cls.family,
+                needs=cls.needs,
+                summary=summary[0] if summary else "",
+                options={**init_options, **call_options},
+            )
+        )
+    order = {f: i for i, f in enumerate(FAMILIES)}
+    return sorted(rows, key=lambda r: (order.get(r.family, len(order)), r.name))

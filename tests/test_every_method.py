@@ -1,0 +1,118 @@
+"""One hygiene and error suite over every registered method: a new method is covered the moment
+it registers. Per-family options that a method needs to run come from `options_for`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models import tiny_cnn
+
+import lumos
+from lumos.core.errors import InputError, LumosError, TargetError, UnknownNameError
+
+ALL = [info.name for info in lumos.methods()]
+FAST = {"n_steps": 4, "n_samples": 4, "n_masks": 8}
+
+
+def options_for(name: str, x: torch.Tensor) -> dict:
+    """Options that let `name` run quickly on `tiny_cnn` and `x`."""
+    info = {i.name: i for i in lumos.methods()}[name]
+    options = {k: v for k, v in FAST.items() if k in info.options}
+    if "layer" in info.needs or "layer" in info.options:
+        options.setdefault("layer", "conv2")
+    if "neuron" in info.needs:
+        options["neuron"] = (0,)
+    if "baselines" in info.needs:
+        options["baselines"] = torch.rand(3, *x.shape[1:])
+    return options
+
+
+def snapshot(model: torch.nn.Module) -> dict:
+    return {
+        "params": [p.detach().clone() for p in model.parameters()],
+        "flags": [p.requires_grad for p in model.parameters()],
+        "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        "modes": [m.training for m in model.modules()],
+        "hooks": [
+            (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+            for m in model.modules()
+        ],
+        "buffers": [b.clone() for b in model.buffers()],
+    }
+
+
+def assert_unchanged(model: torch.nn.Module, before: dict) -> None:
+    after = snapshot(model)
+    for key in ("flags", "modes", "hooks"):
+        assert after[key] == before[key], key
+    for a, b in zip(after["params"] + after["buffers"], before["params"] + before["buffers"]):
+        assert torch.equal(a, b)
+    for a, b in zip(after["grads"], before["grads"]):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+@pytest.fixture
+def model():
+    m = tiny_cnn()
+    m.conv1.weight.requires_grad_(False)  # a user's frozen layer must stay frozen
+    m.fc.weight.grad = torch.ones_like(m.fc.weight)  # and stale .grad must survive
+    return m
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_method_leaves_the_model_as_it_was(name, model):
+    x = torch.rand(2, 3, 16, 16)
+    before = snapshot(model)
+    exp = lumos.explain(model, x, method=name, target=1, **options_for(name, x))
+    assert_unchanged(model, before)
+    assert exp.method == name
+    for a in exp.attributions_flat:
+        assert torch.isfinite(a).all()
+    if exp.attribution_structure is None:
+        assert exp.attributions.shape == x.shape and exp.attributions.dtype == x.dtype
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_method_restores_the_model_after_an_exception(name, model):
+    x = torch.rand(2, 3, 16, 16)
+    calls = {"n": 0}
+
+    def fail_on_second_call(module, args, output):
+        calls["n"] += 1
+        if calls["n"] >= 2:
+            raise RuntimeError("injected failure")
+
+    handle = model.fc.register_forward_hook(fail_on_second_call)
+    before = snapshot(model)
+    with pytest.raises((RuntimeError, LumosError)):
+        lumos.explain(model, x, method=name, target=1, **options_for(name, x))
+    assert_unchanged(model, before)
+    handle.remove()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_method_rejects_nan_inputs(name, model):
+    x = torch.rand(2, 3, 16, 16)
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(InputError, match="NaN"):
+        lumos.explain(model, x, method=name, target=1, **options_for(name, torch.rand(2, 3, 16, 16)))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_method_rejects_targets_out_of_range(name, model):
+    x = torch.rand(2, 3, 16, 16)
+    with pytest.raises(TargetError, match="out of range"):
+        lumos.explain(model, x, method=name, target=7, **options_for(name, x))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_method_rejects_unknown_options_with_a_suggestion(name, model):
+    with pytest.raises(UnknownNameError, match="batch_size"):
+        lumos.explain(model, torch.rand(2, 3, 16, 16), method=name, batch_sise=2)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_method_is_documented_with_its_paper_or_formula(name):
+    cls = lumos.core.registry.get_method(name)
+    doc = cls.__doc__ or ""
+    assert len(doc.splitlines()) >= 3, f"{name} needs a docstring: summary, paper, formula"
