@@ -95,7 +95,9 @@ def test_method_rejects_nan_inputs(name, model):
     x = torch.rand(2, 3, 16, 16)
     x[0, 0, 0, 0] = float("nan")
     with pytest.raises(InputError, match="NaN"):
-        lumos.explain(model, x, method=name, target=1, **options_for(name, torch.rand(2, 3, 16, 16)))
+        lumos.explain(
+            model, x, method=name, target=1, **options_for(name, torch.rand(2, 3, 16, 16))
+        )
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -1,0 +1,215 @@
+"""The core contract: errors that say what is wrong, layer addressing, targets, persistence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models import TwoInputModel, tiny_cnn
+
+import lumos
+from lumos.core.errors import (
+    BaselineError,
+    GradientError,
+    InputError,
+    LumosError,
+    TargetError,
+    UnknownNameError,
+)
+from lumos.core.model import LayerRecorder, resolve_layer
+
+
+@pytest.fixture
+def model():
+    return tiny_cnn()
+
+
+def test_unknown_method_suggests_the_closest_name(model):
+    with pytest.raises(UnknownNameError, match="integrated_gradients"):
+        lumos.explain(model, torch.rand(1, 3, 16, 16), method="integrated_gradient")
+
+
+def test_unknown_option_names_the_method_and_suggests(model):
+    with pytest.raises(UnknownNameError, match="n_steps"):
+        lumos.explain(model, torch.rand(1, 3, 16, 16), method="integrated_gradients", n_step=3)
+
+
+def test_unknown_layer_suggests_the_closest_paths(model):
+    with pytest.raises(UnknownNameError, match=r"block\.conv_a"):
+        resolve_layer(model, "block.conva")
+    assert resolve_layer(model, "block.conv_a") == ("block.conv_a", model.block.conv_a)
+    assert resolve_layer(model, model.fc) == ("fc", model.fc)
+
+
+@pytest.mark.parametrize(
+    "inputs, message",
+    [
+        (torch.tensor(1.0), "scalar"),
+        (torch.rand(0, 3, 16, 16), "empty batch"),
+        ((torch.rand(2, 4), torch.rand(3, 2)), "batch size"),
+        ("not a tensor", "must be a tensor"),
+        ([1, 2], "must be a torch.Tensor"),
+        (torch.full((1, 3, 16, 16), float("inf")), "NaN or inf"),
+    ],
+)
+def test_bad_inputs_raise_input_errors(inputs, message):
+    model = TwoInputModel() if isinstance(inputs, tuple) else tiny_cnn()
+    with pytest.raises(InputError, match=message):
+        lumos.explain(model, inputs, method="saliency", target=0)
+
+
+def test_wrong_input_shape_for_the_model_says_which_shape(model):
+    with pytest.raises(InputError, match=r"\(2, 5\)"):
+        lumos.explain(model, torch.rand(2, 5), method="saliency", target=0)
+
+
+def test_integer_inputs_to_gradient_methods_point_to_layer_methods(model):
+    with pytest.raises(InputError, match="layer_integrated_gradients"):
+        lumos.explain(model, torch.ones(1, 3, 16, 16, dtype=torch.long), method="saliency")
+
+
+@pytest.mark.parametrize(
+    "target, message",
+    [
+        (4, "out of range"),
+        (-1, "out of range"),
+        ([0, 1, 2], "3 targets for 2 examples"),
+        (torch.tensor([0.5, 1.0]), "integer"),
+        ("best", "Unknown target"),
+        (True, "bool"),
+        (lambda out: out, "one scalar per example"),
+    ],
+)
+def test_bad_targets_raise_target_errors(model, target, message):
+    with pytest.raises(TargetError, match=message):
+        lumos.explain(model, torch.rand(2, 3, 16, 16), method="saliency", target=target)
+
+
+def test_target_none_on_a_classifier_asks_for_a_class(model):
+    with pytest.raises(TargetError, match="target='predicted'"):
+        lumos.explain(model, torch.rand(2, 3, 16, 16), method="saliency", target=None)
+
+
+@pytest.mark.parametrize(
+    "baselines", [torch.rand(3, 8, 8), torch.rand(5, 3, 16, 16), "fancy", True, object()]
+)
+def test_bad_baselines_raise_baseline_errors(model, baselines):
+    with pytest.raises(BaselineError):
+        lumos.explain(
+            model, torch.rand(2, 3, 16, 16), method="integrated_gradients", baselines=baselines
+        )
+
+
+@pytest.mark.parametrize("name", ["zeros", "uniform", "blur", "mean"])
+def test_named_baselines_are_complete(model, name):
+    exp = lumos.explain(
+        model, torch.rand(2, 3, 16, 16), method="integrated_gradients", baselines=name, n_steps=32
+    )
+    assert exp.delta.abs().max() < 1e-3
+
+
+def test_models_that_detach_raise_gradient_errors():
+    class Detaching(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.fc(x).detach()
+
+    with pytest.raises(GradientError, match="differentiably"):
+        lumos.explain(Detaching(), torch.rand(2, 3), method="saliency", target=0)
+
+
+def test_plain_callables_work_as_models():
+    weight = torch.tensor([[1.0, -2.0, 3.0]])
+    exp = lumos.explain(
+        lambda x: x @ weight.T, torch.rand(4, 3), method="saliency", target=0, abs=False
+    )
+    torch.testing.assert_close(exp.attributions, weight.expand(4, 3))
+
+
+def test_non_callable_models_are_refused():
+    with pytest.raises(InputError, match="callable"):
+        lumos.explain(42, torch.rand(1, 3), method="saliency")
+
+
+def test_attributions_keep_the_inputs_dtype(model):
+    x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
+    exp = lumos.explain(model.double(), x, method="integrated_gradients", n_steps=8)
+    assert exp.attributions.dtype == torch.float64 and exp.attributions.device == x.device
+
+
+def test_explanation_records_method_options_outputs_and_timing(model):
+    x = torch.rand(2, 3, 16, 16)
+    exp = lumos.explain(
+        model, x, method="integrated_gradients", target=1, n_steps=8, integration="riemann_middle"
+    )
+    assert exp.method == "integrated_gradients"
+    assert exp.options["n_steps"] == 8 and exp.options["integration"] == "riemann_middle"
+    assert exp.options["baselines"] is None and exp.options["batch_size"] is None
+    torch.testing.assert_close(exp.outputs, model(x).detach())
+    assert exp.timing["total"] >= exp.timing["attribution"] > 0
+    assert torch.equal(exp.targets, torch.tensor([1, 1]))
+    assert "integrated_gradients" in repr(exp)
+
+
+@pytest.mark.parametrize("form", ["tensor", "dict"])
+def test_save_and_load_round_trip(tmp_path, form):
+    if form == "tensor":
+        model, inputs = tiny_cnn(), torch.rand(2, 3, 16, 16)
+    else:
+        model, inputs = TwoInputModel(), {"a": torch.rand(2, 4), "b": torch.rand(2, 2)}
+    exp = lumos.explain(
+        model, inputs, method="integrated_gradients", target=1, n_steps=8, baselines=0.25
+    )
+    path = exp.save(tmp_path / "run.lumos")
+    back = lumos.load_explanation(path)
+    assert back.method == exp.method and back.options == exp.options
+    assert back.structure == exp.structure
+    for a, b in zip(back.attributions_flat, exp.attributions_flat):
+        assert torch.equal(a, b)
+    assert torch.equal(back.delta, exp.delta) and torch.equal(back.targets, exp.targets)
+    if form == "dict":
+        assert list(back.attributions) == ["a", "b"]
+
+
+def test_loading_something_else_is_a_clear_error(tmp_path):
+    path = tmp_path / "x.lumos"
+    path.write_bytes(b"not safetensors")
+    with pytest.raises(LumosError, match="not a lumos explanation"):
+        lumos.load_explanation(path)
+    with pytest.raises(LumosError, match="No such file"):
+        lumos.load_explanation(tmp_path / "missing.lumos")
+
+
+def test_registry_lists_every_method_with_family_needs_and_options():
+    rows = {row.name: row for row in lumos.methods()}
+    expected = {
+        "saliency",
+        "input_x_gradient",
+        "integrated_gradients",
+        "smoothgrad",
+        "vargrad",
+        "guided_backprop",
+        "deconvnet",
+        "expected_gradients",
+    }
+    assert expected <= set(rows)
+    ig = rows["integrated_gradients"]
+    assert ig.family == "gradient" and "gradients" in ig.needs
+    assert {"n_steps", "integration", "batch_size", "baselines"} <= set(ig.options)
+    assert all(r.family == "gradient" for r in lumos.methods(family="gradient"))
+
+
+def test_layer_recorder_removes_its_hook_even_after_an_error(model):
+    with pytest.raises(RuntimeError), LayerRecorder(model.conv2) as recorder:
+        model(torch.rand(1, 3, 16, 16))
+        assert recorder.output.shape == (1, 16, 8, 8)
+        raise RuntimeError("boom")
+    assert not model.conv2._forward_hooks
+
+
+def test_explaining_under_no_grad_still_works(model):
+    with torch.no_grad():
+        exp = lumos.explain(model, torch.rand(1, 3, 16, 16), method="saliency")
+    assert exp.attributions.abs().sum() > 0
