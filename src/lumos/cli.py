@@ -1,0 +1,125 @@
+"""The `lumos` command line: demo, methods, explain."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from lumos.core.errors import LumosError
+
+app = typer.Typer(
+    help="lumos — explain and visualize neural networks.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+
+
+def _fail(exc: LumosError) -> None:
+    console.print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("lumos-report"), "--out", help="Folder for the HTML report."),
+    n_images: int = typer.Option(6, "--n-images", min=1, max=32, help="Test images to explain."),
+    methods: str = typer.Option(
+        "", "--methods", help="Comma-separated method names (default: every applicable one)."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Which test images (and method seeds)."),
+) -> None:
+    """Explain the `shapes` zoo model with every applicable method; write an HTML report."""
+    from lumos.report.demo import run_demo
+
+    only = [m.strip() for m in methods.split(",") if m.strip()] or None
+    try:
+        with console.status("starting") as status:
+            run = run_demo(
+                out, n_images=n_images, methods=only, seed=seed, log=lambda m: status.update(m)
+            )
+    except LumosError as exc:
+        _fail(exc)
+    for name, reason in run.failures.items():
+        console.print(f"[yellow]{name} did not run:[/] {reason}")
+    console.print(
+        f"explained {n_images} images with {len(run.explanations)} methods in {run.seconds:.1f} s"
+    )
+    typer.echo(str(run.path.resolve()))
+
+
+@app.command("methods")
+def list_methods(
+    family: str = typer.Option(None, "--family", help="Only this family."),
+) -> None:
+    """List every registered method with its family, requirements and options."""
+    import lumos
+
+    table = Table(title="lumos methods")
+    for column in ("name", "family", "needs", "options", "summary"):
+        table.add_column(column, overflow="fold")
+    for row in lumos.methods(family):
+        options = ", ".join(f"{k}={v!r}" for k, v in row.options.items())
+        table.add_row(row.name, row.family, ",".join(sorted(row.needs)), options, row.summary)
+    Console(width=200).print(table)
+
+
+@app.command()
+def explain(
+    model: str = typer.Option(
+        ..., "--model", help="zoo:NAME, a TorchScript file, or package.module:factory."
+    ),
+    input: Path = typer.Option(..., "--input", help="An image, .pt, .npy or .safetensors file."),
+    method: str = typer.Option("integrated_gradients", "--method", help="A registered method."),
+    target: str = typer.Option("predicted", "--target", help="A class index or 'predicted'."),
+    out: Path = typer.Option(Path("explanation.png"), "--out", help="Figure to write (PNG)."),
+    save: Path = typer.Option(None, "--save", help="Also save the Explanation (.lumos)."),
+    option: list[str] = typer.Option(
+        [], "--option", "-o", help="A method option as key=value (repeatable)."
+    ),
+    trust_pickle: bool = typer.Option(
+        False, "--trust-pickle", help="Allow loading a pickled full model (runs its code)."
+    ),
+) -> None:
+    """Explain one input file with one method and write the figure."""
+    import lumos
+    from lumos.loading import load_input, load_model, parse_value
+
+    try:
+        net, info = load_model(model, trust_pickle=trust_pickle)
+        shape = info.get("input_shape")
+        x = load_input(
+            input,
+            size=tuple(shape[-2:]) if shape and len(shape) == 3 else None,
+            channels=shape[0] if shape and len(shape) == 3 else None,
+        )
+        options = {}
+        for item in option:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise LumosError(f"--option takes key=value, got {item!r}.")
+            options[key.strip()] = parse_value(value.strip())
+        chosen = parse_value(target)
+        exp = lumos.explain(net, x, method=method, target=chosen, **options)
+    except LumosError as exc:
+        _fail(exc)
+    names = getattr(info.get("bundle"), "class_names", None)
+    label = int(exp.targets[0]) if exp.targets is not None else None
+    title = f"{method} — target {label}" + (
+        f" ({names[label]})" if names and label is not None else ""
+    )
+    fig = exp.figure(title=title)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    if save is not None:
+        exp.save(save)
+    console.print(f"{exp!r}")
+    typer.echo(str(out.resolve()))
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
