@@ -11,7 +11,7 @@ The public surface is deliberately small::
 from __future__ import annotations
 
 from lumos import zoo
-from lumos.api import explain, methods
+from lumos.api import explain, explain_targets, methods
 from lumos.core.errors import LumosError
 from lumos.core.explanation import Explanation, load_explanation
 
@@ -22,6 +22,7 @@ __all__ = [
     "LumosError",
     "__version__",
     "explain",
+    "explain_targets",
     "load_explanation",
     "methods",
     "zoo",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from lumos.core.errors import unknown_name
@@ -27,16 +27,33 @@ def explain(
     ``IntegratedGradients(model, n_steps=64).explain(x, baselines=b)``. `lumos.methods()` lists
     every method with its options.
     """
+    cls, init, call = _split(method, options)
+    return cls(model, **init).explain(inputs, target, **call)
+
+
+def _split(method: str, options: dict[str, Any]) -> tuple[type, dict, dict]:
+    """The method's class and `options` split into constructor and call options."""
     cls = get_method(method)
     init_options, call_options = method_options(cls)
     unknown = set(options) - set(init_options) - set(call_options)
     if unknown:
-        raise unknown_name(
-            f"option of {method!r}", sorted(unknown)[0], {**init_options, **call_options}
-        )
+        valid = {**init_options, **call_options}
+        raise unknown_name(f"option of {method!r}", sorted(unknown)[0], valid)
     init = {k: v for k, v in options.items() if k in init_options}
     call = {k: v for k, v in options.items() if k in call_options}
-    return cls(model, **init).explain(inputs, target, **call)
+    return cls, init, call
+
+
+def explain_targets(
+    model: Callable,
+    inputs: InputsLike,
+    targets: Sequence[TargetLike],
+    method: str = "integrated_gradients",
+    **options: Any,
+) -> list[Explanation]:
+    """Explain several targets for the same inputs in one batched run (one Explanation each)."""
+    cls, init, call = _split(method, options)
+    return cls(model, **init).explain_targets(inputs, targets, **call)
 
 
 def methods(family: str | None = None):

@@ -269,3 +269,16 @@ class TestAgainstCaptum:
         ours = lumos.explain(model, x, method=name, target=3).attributions
         theirs = getattr(self.captum, cls)(model).attribute(x, target=3)
         torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("name", ["saliency", "integrated_gradients", "smoothgrad"])
+def test_several_targets_in_one_run_equal_one_run_per_target(name):
+    model, x = tiny_cnn(), torch.rand(3, 3, 16, 16)
+    options = {"n_steps": 8} if name == "integrated_gradients" else {}
+    if name == "smoothgrad":
+        options = {"n_samples": 3}
+    together = lumos.explain_targets(model, x, [0, 2, "predicted"], method=name, **options)
+    for target, exp in zip([0, 2, "predicted"], together):
+        alone = lumos.explain(model, x, method=name, target=target, **options)
+        torch.testing.assert_close(exp.attributions, alone.attributions, atol=1e-6, rtol=1e-5)
+        assert torch.equal(exp.targets, alone.targets) and exp.inputs.shape == x.shape

@@ -6,7 +6,7 @@ batching (`batch_size`) bounds memory and the model sees full batches.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -84,6 +84,13 @@ class NoiseTunnel(Method):
 
     def explain(self, inputs: InputsLike, target: TargetLike = "predicted") -> Explanation:
         return self._run(inputs, target)
+
+    def explain_targets(
+        self, inputs: InputsLike, targets: Sequence[TargetLike], **call_options: Any
+    ) -> list[Explanation]:
+        # the noise is drawn per call for the batch it sees, so targets run one by one to give
+        # exactly what `explain(inputs, target)` gives
+        return [self.explain(inputs, t, **call_options) for t in targets]
 
     def attribute(self, ctx: Context) -> Attribution:
         generator = torch.Generator(device="cpu").manual_seed(self.seed)

@@ -63,6 +63,26 @@ class Explanation:
         seconds = self.timing.get("total", float("nan"))
         return f"Explanation(method={self.method!r}, attributions={shapes}{delta}, {seconds:.3g}s)"
 
+    def select(self, rows: slice, inputs: tuple[torch.Tensor, ...] | None = None) -> Explanation:
+        """The explanation of a slice of the examples (per-example fields are sliced)."""
+
+        def cut(value: Any) -> Any:
+            return value[rows] if isinstance(value, torch.Tensor) and value.dim() else value
+
+        return Explanation(
+            attributions_flat=tuple(a[rows] for a in self.attributions_flat),
+            inputs_flat=inputs if inputs is not None else tuple(x[rows] for x in self.inputs_flat),
+            structure=self.structure,
+            attribution_structure=self.attribution_structure,
+            method=self.method,
+            options=dict(self.options),
+            targets=cut(self.targets),
+            outputs=cut(self.outputs),
+            delta=cut(self.delta),
+            timing=dict(self.timing),
+            extras=dict(self.extras),
+        )
+
     # -- visualization (matplotlib lives in lumos.viz) ------------------------------------
     def figure(self, **options: Any):
         """A matplotlib figure: input, signed map and overlay per example (see lumos.viz)."""

@@ -87,6 +87,30 @@ class Method:
         """Explain `target` of the model at `inputs`."""
         return self._run(inputs, target)
 
+    def explain_targets(
+        self, inputs: InputsLike, targets: Sequence[TargetLike], **call_options: Any
+    ) -> list[Explanation]:
+        """Explain several targets for the same inputs in one batched run.
+
+        Every (target, example) pair becomes a row of one call, so the model sees full batches
+        (bounded by `batch_size`) instead of one pass per target. Returns one Explanation per
+        target, each as `explain(inputs, target)` would give it.
+        """
+        xs, structure = flatten_inputs(inputs)
+        n, k = int(xs[0].shape[0]), len(targets)
+        if k == 0:
+            raise InputError("targets is empty; pass at least one target.")
+        device = model_device(self.model, xs[0].device)
+        with preserved(self.model):
+            outputs = self.forward(tuple(x.detach().to(device) for x in xs), structure)
+        resolved = [resolve_target(t, outputs, n) for t in targets]
+        if any(r.is_callable for r in resolved) or any(r.indices is None for r in resolved):
+            return [self.explain(inputs, t, **call_options) for t in targets]
+        stacked = torch.cat([r.indices for r in resolved])
+        repeated = structure.restore([x.repeat(k, *([1] * (x.dim() - 1))) for x in xs])
+        joint = self.explain(repeated, stacked, **call_options)
+        return [joint.select(slice(i * n, (i + 1) * n), xs) for i in range(k)]
+
     def attribute(self, ctx: Context, **call_options: Any) -> Attribution:
         """The method itself: attributions for the examples in `ctx` (subclasses implement)."""
         raise NotImplementedError
