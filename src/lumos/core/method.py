@@ -138,7 +138,7 @@ class Method:
         attributions = result.attributions
         if result.structure is None:
             attributions = tuple(
-                a.detach().to(device=x.device, dtype=x.dtype) if x.is_floating_point() else a
+                a.detach().to(device=x.device, dtype=x.dtype if x.is_floating_point() else None)
                 for a, x in zip(attributions, xs)
             )
         else:
@@ -150,7 +150,7 @@ class Method:
             out_tensor = None
         return Explanation(
             attributions_flat=attributions,
-            inputs_flat=tuple(xs),
+            inputs_flat=tuple(x.detach() for x in xs),
             structure=structure,
             attribution_structure=result.structure,
             method=self.name,

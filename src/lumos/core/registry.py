@@ -87,7 +87,30 @@ def method_options(cls: type) -> tuple[dict[str, Any], dict[str, Any]]:
     )
 
 
-def methods(family: str | None = None) -> list[MethodInfo]:
+class MethodTable(list):
+    """A list of `MethodInfo` rows that prints as a table (and renders as one in notebooks)."""
+
+    def __repr__(self) -> str:
+        header = f"{'name':<28} {'family':<13} {'needs':<20} summary"
+        return "\n".join([header, *(repr(row) for row in self)])
+
+    def names(self) -> list[str]:
+        return [row.name for row in self]
+
+    def _repr_html_(self) -> str:
+        import html
+
+        cells = "".join(
+            f"<tr><td>{html.escape(r.name)}</td><td>{html.escape(r.family)}</td>"
+            f"<td>{html.escape(', '.join(sorted(r.needs)))}</td>"
+            f"<td>{html.escape(r.summary)}</td></tr>"
+            for r in self
+        )
+        head = "<tr><th>name</th><th>family</th><th>needs</th><th>summary</th></tr>"
+        return f"<table>{head}{cells}</table>"
+
+
+def methods(family: str | None = None) -> MethodTable:
     """Every registered method (optionally of one family), sorted by family then name."""
     _load_all()
     rows = []
@@ -106,4 +129,4 @@ def methods(family: str | None = None) -> list[MethodInfo]:
             )
         )
     order = {f: i for i, f in enumerate(FAMILIES)}
-    return sorted(rows, key=lambda r: (order.get(r.family, len(order)), r.name))
+    return MethodTable(sorted(rows, key=lambda r: (order.get(r.family, len(order)), r.name)))
