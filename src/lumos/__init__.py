@@ -10,10 +10,11 @@ The public surface is deliberately small::
 
 from __future__ import annotations
 
-from lumos import zoo
+from lumos import metrics, zoo
 from lumos.api import explain, explain_targets, methods
 from lumos.core.errors import LumosError
 from lumos.core.explanation import Explanation, load_explanation
+from lumos.metrics import evaluate
 
 __version__ = "0.1.0"
 
@@ -21,9 +22,11 @@ __all__ = [
     "Explanation",
     "LumosError",
     "__version__",
+    "evaluate",
     "explain",
     "explain_targets",
     "load_explanation",
     "methods",
+    "metrics",
     "zoo",
 ]

@@ -1,0 +1,317 @@
+"""Randomisation (sanity checks, Adebayo et al. 2018): an explanation that does not change when
+the model's weights are randomised cannot be explaining what the model learned.
+
+Randomisation always works on a `copy.deepcopy` of the model: the user's model is never changed.
+A layer is a module with parameters of its own; layers are ordered as the forward pass runs
+them, and "cascading" randomises them from the output (top) down.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lumos.core.errors import (
+    InputError,
+    LumosError,
+    TargetError,
+    UnsupportedModelError,
+    unknown_name,
+)
+from lumos.core.inputs import Structure, call_model
+from lumos.core.targets import TargetLike, output_tensor
+from lumos.metrics.base import (
+    ModelRunner,
+    as_batch,
+    attribution_map,
+    explainer_for,
+    register_metric,
+    spearman,
+)
+
+
+def parameter_layers(model: nn.Module, inputs: torch.Tensor) -> list[str]:
+    """Dotted paths of the modules with parameters of their own, in forward execution order."""
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModelError("Model randomisation needs a torch.nn.Module with parameters.")
+    owners = {
+        name: module
+        for name, module in model.named_modules()
+        if any(True for _ in module.parameters(recurse=False))
+    }
+    seen: list[str] = []
+    probe = copy.deepcopy(model)
+    modules = dict(probe.named_modules())
+
+    def record(name: str) -> Callable:
+        def hook(module: nn.Module, args: Any) -> None:
+            if name not in seen:
+                seen.append(name)
+
+        return hook
+
+    for name in owners:
+        modules[name].register_forward_pre_hook(record(name))
+    with torch.no_grad():
+        probe.eval()
+        call_model(probe, (inputs[:1],), Structure("tensor", ("input",)))
+    return seen + [name for name in owners if name not in seen]
+
+
+def randomise(model: nn.Module, layers: Sequence[str], seed: int = 0) -> nn.Module:
+    """A deep copy of `model` whose `layers` have fresh random parameters.
+
+    Each parameter tensor is redrawn from a normal distribution with its own mean and standard
+    deviation (seeded), which keeps the scale of every layer and destroys what it learned.
+    """
+    copied = copy.deepcopy(model)
+    modules = dict(copied.named_modules())
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for name in layers:
+            if name not in modules:
+                raise unknown_name("layer", name, modules)
+            for p in modules[name].parameters(recurse=False):
+                mean = p.mean()
+                std = p.std() if p.numel() > 1 else p.new_zeros(())
+                noise = torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device)
+                p.copy_(mean + torch.nan_to_num(std) * noise)
+    return copied
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7) -> torch.Tensor:
+    """Mean structural similarity of two batches of 2-D maps ``(B, H, W)``, each min–max scaled.
+
+    Wang et al. (2004) with a uniform `window` and sample covariances, as scikit-image's default.
+    """
+    if a.dim() != 3:
+        raise InputError("SSIM compares 2-D maps (B, H, W); use similarity='spearman'.")
+
+    def scaled(m: torch.Tensor) -> torch.Tensor:
+        m = m.double()
+        low = m.flatten(1).amin(1).view(-1, 1, 1)
+        high = m.flatten(1).amax(1).view(-1, 1, 1)
+        return ((m - low) / (high - low).clamp_min(1e-30)).unsqueeze(1)
+
+    x, y = scaled(a), scaled(b)
+    w = min(window, x.shape[-1], x.shape[-2])
+    w -= 1 - w % 2
+    cov = w * w / (w * w - 1)
+
+    def mean(t: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(t, w, stride=1)
+
+    mx, my = mean(x), mean(y)
+    vx, vy = cov * (mean(x * x) - mx**2), cov * (mean(y * y) - my**2)
+    vxy = cov * (mean(x * y) - mx * my)
+    c1, c2 = 0.01**2, 0.03**2
+    s = ((2 * mx * my + c1) * (2 * vxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    return s.flatten(1).mean(1)
+
+
+def similarity(a: Any, b: Any, kind: str = "spearman_abs") -> torch.Tensor:
+    """Per-example similarity of two attribution batches: ``spearman_abs`` (rank correlation of
+    |maps|), ``spearman`` (signed) or ``ssim``; image channels are summed first."""
+    ma, mb = attribution_map(a), attribution_map(b)
+    if kind == "spearman_abs":
+        return spearman(ma.abs().flatten(1), mb.abs().flatten(1))
+    if kind == "spearman":
+        return spearman(ma.flatten(1), mb.flatten(1))
+    if kind == "ssim":
+        return ssim(ma, mb)
+    raise unknown_name("similarity", kind, ("spearman_abs", "spearman", "ssim"))
+
+
+@register_metric(
+    "model_randomisation",
+    family="randomisation",
+    direction="lower",
+    needs={"model", "explainer"},
+    paper="Adebayo et al. (2018), Sanity Checks for Saliency Maps",
+)
+def model_randomisation(
+    model: nn.Module,
+    inputs: Any,
+    explainer: Any,
+    target: TargetLike = "predicted",
+    *,
+    attributions: Any = None,
+    similarity_measure: str = "spearman_abs",
+    seed: int = 0,
+    method_options: dict | None = None,
+) -> torch.Tensor:
+    """Model parameter randomisation: similarity of the maps before and after randomisation.
+
+    All parameters of a seeded copy are randomised (the end of Adebayo et al.'s cascade).
+
+    ``score = sim(Φ(f, x), Φ(f_random, x))`` with `similarity_measure` ``spearman_abs`` (rank
+    correlation of absolute maps, the default), ``spearman`` or ``ssim``; the randomised model is
+    a seeded copy. An explanation that depends on the model scores near 0: lower is better.
+    """
+    runner = ModelRunner(model, inputs, target)
+    explain = explainer_for(explainer, method_options)
+    targets = runner.target_argument()
+    if attributions is None:
+        attributions = explain(model, runner.x, targets)
+    random_model = randomise(model, parameter_layers(model, runner.x), seed)
+    after = explain(random_model, runner.x, targets)
+    return similarity(attributions, after, similarity_measure).float()
+
+
+@register_metric(
+    "random_logit",
+    family="randomisation",
+    direction="lower",
+    needs={"model", "explainer"},
+    paper="Sixt, Granz & Landgraf (2020), When Explanations Lie: Why Many Modified BP "
+    "Attributions Fail",
+)
+def random_logit(
+    model: Callable,
+    inputs: Any,
+    explainer: Any,
+    target: TargetLike = "predicted",
+    *,
+    attributions: Any = None,
+    similarity_measure: str = "ssim",
+    seed: int = 0,
+    method_options: dict | None = None,
+) -> torch.Tensor:
+    """Random logit test: similarity of the maps for the target and for a random other class.
+
+    ``score = sim(Φ_c(x), Φ_{c'}(x))`` with c' drawn uniformly from the other classes (seeded)
+    and `similarity_measure` ``ssim`` (default, images), ``spearman_abs`` or ``spearman``. A
+    class-sensitive explanation scores low: lower is better.
+    """
+    runner = ModelRunner(model, inputs, target)
+    explain = explainer_for(explainer, method_options)
+    with torch.no_grad():
+        out = output_tensor(call_model(model, (runner.x[:1],), Structure("tensor", ("input",))))
+    if runner.target.indices is None or out.dim() != 2 or out.shape[1] < 2:
+        raise TargetError("random_logit needs a classifier and class-index targets.")
+    classes = runner.target.indices
+    if attributions is None:
+        attributions = explain(model, runner.x, classes.clone())
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    shift = torch.randint(1, int(out.shape[1]), (runner.n,), generator=generator)
+    other = (classes + shift) % int(out.shape[1])
+    return similarity(attributions, explain(model, runner.x, other), similarity_measure).float()
+
+
+@dataclass
+class SanityCheck:
+    """Similarities of each method's maps with the trained model's maps as layers are
+    randomised: ``scores[method][measure]`` is ``(L + 1, B)``, row 0 the trained model and row j
+    after randomising `layers[:j]` (cascading, from the top) or only `layers[j-1]` (independent).
+    """
+
+    layers: list[str]
+    mode: str
+    scores: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+
+    def mean(self, method: str, measure: str = "spearman_abs") -> torch.Tensor:
+        """The mean over examples per randomisation step, ``(L + 1,)``."""
+        return self.scores[method][measure].mean(1)
+
+    def to_records(self) -> list[dict[str, Any]]:
+        """One dict per method × step × measure, with the mean over examples."""
+        records = []
+        for method, measures in self.scores.items():
+            for measure, values in measures.items():
+                for step, row in enumerate(values):
+                    layer = "(trained)" if step == 0 else self.layers[step - 1]
+                    records.append(
+                        {
+                            "method": method,
+                            "measure": measure,
+                            "step": step,
+                            "layer": layer,
+                            "mean": float(row.mean()),
+                        }
+                    )
+        return records
+
+    def figure(self, measure: str = "spearman_abs"):
+        """Mean similarity per randomised layer, one line per method (matplotlib)."""
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(max(6.0, 0.45 * len(self.layers) + 3), 4.0))
+        ax = fig.add_subplot(1, 1, 1)
+        labels = ["trained", *self.layers]
+        for method in self.scores:
+            ax.plot(
+                range(len(labels)), self.mean(method, measure).cpu().numpy(), "o-", label=method
+            )
+        ax.axhline(0.0, color="grey", lw=0.8)
+        ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=8)
+        ax.set_ylabel(
+            {"spearman_abs": "Spearman ρ (|maps|)", "spearman": "Spearman ρ", "ssim": "SSIM"}[
+                measure
+            ]
+        )
+        ax.set_title(f"Sanity check: {self.mode} randomisation (top → bottom)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        return fig
+
+    def to_png(self, measure: str = "spearman_abs") -> bytes:
+        buffer = io.BytesIO()
+        self.figure(measure).savefig(buffer, format="png", dpi=100)
+        return buffer.getvalue()
+
+
+MEASURES = ("spearman_abs", "spearman", "ssim")
+
+
+def sanity_check(
+    model: nn.Module,
+    inputs: Any,
+    target: TargetLike = "predicted",
+    *,
+    methods: Sequence[str] = ("saliency", "guided_backprop", "integrated_gradients"),
+    mode: str = "cascading",
+    layers: Sequence[str] | None = None,
+    seed: int = 0,
+    method_options: dict[str, dict] | None = None,
+) -> SanityCheck:
+    """Adebayo et al. (2018)'s model parameter randomisation test for several methods.
+
+    For every step (cascading: the top j layers randomised; independent: layer j alone) each
+    method re-explains the inputs on a seeded randomised copy of the model, and its maps are
+    compared with the trained model's by Spearman rank correlation of absolute and of signed
+    maps and by SSIM (2-D maps). `layers` defaults to every module with parameters, top first.
+    A method whose maps stay similar while the model is destroyed fails the check. Methods
+    that cannot run record their error in `errors`.
+    """
+    if mode not in ("cascading", "independent"):
+        raise unknown_name("randomisation mode", mode, ("cascading", "independent"))
+    runner = ModelRunner(model, inputs, target)
+    targets = runner.target_argument()
+    order = list(layers) if layers is not None else parameter_layers(model, runner.x)[::-1]
+    steps = [order[: j + 1] if mode == "cascading" else [order[j]] for j in range(len(order))]
+    models = [randomise(model, chosen, seed) for chosen in steps]
+    result = SanityCheck(layers=order, mode=mode)
+    options = method_options or {}
+    is_image = runner.x.dim() == 4
+    for method in methods:
+        explain = explainer_for(method, options.get(method))
+        try:
+            trained = explain(model, runner.x, targets)
+            maps = [trained] + [explain(m, runner.x, targets) for m in models]
+        except LumosError as exc:
+            result.errors[method] = str(exc)
+            continue
+        result.scores[method] = {
+            kind: torch.stack([similarity(trained, after, kind) for after in maps]).float()
+            for kind in MEASURES
+            if kind != "ssim" or (is_image and as_batch(trained, method).dim() == 4)
+        }
+    return result

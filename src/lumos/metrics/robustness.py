@@ -1,0 +1,202 @@
+"""Robustness: does the explanation stay put when the input barely moves?
+
+These metrics re-explain perturbed inputs, so they take the method (`explainer`: a registered
+method name with `method_options`, or a callable ``(model, inputs, target) -> attributions``)
+rather than fixed attributions. The `n_samples` perturbations of all examples are explained in
+calls of at most `batch_size` rows, each on its example's original target class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from lumos.core.errors import InputError
+from lumos.core.targets import TargetLike
+from lumos.metrics.base import (
+    ModelRunner,
+    as_batch,
+    explain_rows,
+    explainer_for,
+    register_metric,
+)
+from lumos.metrics.faithfulness import seeded_rows
+
+BATCH_SIZE = 256
+
+
+def _perturbed_changes(
+    model: Callable,
+    inputs: Any,
+    explainer: Any,
+    target: TargetLike,
+    *,
+    attributions: Any,
+    n_samples: int,
+    draw: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+    batch_size: int | None,
+    seed: int,
+    method_options: dict | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, n_samples)`` relative explanation changes ‖Φ(x+δ) − Φ(x)‖ / ‖Φ(x)‖ and ‖δ‖."""
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+        raise InputError(f"n_samples must be a positive int, got {n_samples!r}.")
+    runner = ModelRunner(model, inputs, target)
+    x, n, device = runner.x, runner.n, runner.device
+    explain = explainer_for(explainer, method_options)
+    targets = runner.target_argument()
+    if attributions is None:
+        attributions = explain(model, x, targets)
+    base = as_batch(attributions, "attributions").to(device).double().flatten(1)
+    base_norm = base.norm(dim=1).clamp_min(1e-30)
+    example = torch.arange(n * n_samples, device=device) % n
+    deltas = torch.empty(n * n_samples, dtype=torch.float64, device=device)
+    changes = torch.empty(n * n_samples, dtype=torch.float64, device=device)
+
+    def make_rows(s: slice) -> torch.Tensor:
+        delta = seeded_rows(s, n, seed, lambda g: draw(x, g)).to(device, x.dtype)
+        deltas[s] = delta.flatten(1).double().norm(dim=1)
+        return x[example[s]] + delta
+
+    for s, a in explain_rows(
+        explain, model, make_rows, n * n_samples, targets, example, batch_size
+    ):
+        changes[s] = (a.double().flatten(1) - base[example[s]]).norm(dim=1)
+    changes = changes / base_norm[example]
+    return changes.view(n_samples, n).T, deltas.view(n_samples, n).T
+
+
+def _uniform(radius: float) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
+    def draw(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        return (torch.rand(x.shape, generator=g, dtype=torch.float64) * 2 - 1) * radius
+
+    return draw
+
+
+@register_metric(
+    "max_sensitivity",
+    family="robustness",
+    direction="lower",
+    needs={"model", "explainer"},
+    paper="Yeh et al. (2019), On the (In)fidelity and Sensitivity of Explanations",
+)
+def max_sensitivity(
+    model: Callable,
+    inputs: Any,
+    explainer: Any,
+    target: TargetLike = "predicted",
+    *,
+    attributions: Any = None,
+    n_samples: int = 10,
+    radius: float = 0.02,
+    batch_size: int | None = BATCH_SIZE,
+    seed: int = 0,
+    method_options: dict | None = None,
+) -> torch.Tensor:
+    """Max-sensitivity: the largest relative change of the explanation in a small ball.
+
+    ``SENS_max = max_{‖δ‖∞ ≤ r} ‖Φ(x + δ) − Φ(x)‖₂ / ‖Φ(x)‖₂``, estimated with `n_samples`
+    seeded uniform draws of δ in the L∞ ball of `radius` (in input units). Dividing by ‖Φ(x)‖
+    (as Quantus does) makes methods of different scales comparable. Lower is better.
+    `attributions` (of the unperturbed inputs) saves one explanation call.
+    """
+    changes, _ = _perturbed_changes(
+        model,
+        inputs,
+        explainer,
+        target,
+        attributions=attributions,
+        n_samples=n_samples,
+        draw=_uniform(radius),
+        batch_size=batch_size,
+        seed=seed,
+        method_options=method_options,
+    )
+    return changes.amax(1).float()
+
+
+@register_metric(
+    "avg_sensitivity",
+    family="robustness",
+    direction="lower",
+    needs={"model", "explainer"},
+    paper="Yeh et al. (2019), On the (In)fidelity and Sensitivity of Explanations",
+)
+def avg_sensitivity(
+    model: Callable,
+    inputs: Any,
+    explainer: Any,
+    target: TargetLike = "predicted",
+    *,
+    attributions: Any = None,
+    n_samples: int = 10,
+    radius: float = 0.02,
+    batch_size: int | None = BATCH_SIZE,
+    seed: int = 0,
+    method_options: dict | None = None,
+) -> torch.Tensor:
+    """Avg-sensitivity: the mean relative change of the explanation in a small ball.
+
+    ``SENS_avg = E_{‖δ‖∞ ≤ r} ‖Φ(x + δ) − Φ(x)‖₂ / ‖Φ(x)‖₂`` over `n_samples` seeded uniform
+    draws (see `max_sensitivity`). Lower is better.
+    """
+    changes, _ = _perturbed_changes(
+        model,
+        inputs,
+        explainer,
+        target,
+        attributions=attributions,
+        n_samples=n_samples,
+        draw=_uniform(radius),
+        batch_size=batch_size,
+        seed=seed,
+        method_options=method_options,
+    )
+    return changes.mean(1).float()
+
+
+@register_metric(
+    "local_lipschitz",
+    family="robustness",
+    direction="lower",
+    needs={"model", "explainer"},
+    paper="Alvarez-Melis & Jaakkola (2018), On the Robustness of Interpretability Methods",
+)
+def local_lipschitz(
+    model: Callable,
+    inputs: Any,
+    explainer: Any,
+    target: TargetLike = "predicted",
+    *,
+    attributions: Any = None,
+    n_samples: int = 10,
+    noise_std: float = 0.01,
+    batch_size: int | None = BATCH_SIZE,
+    seed: int = 0,
+    method_options: dict | None = None,
+) -> torch.Tensor:
+    """Local Lipschitz estimate: the steepest relative change of the explanation near x.
+
+    ``L = max_{x'} (‖Φ(x) − Φ(x')‖₂ / ‖Φ(x)‖₂) / ‖x − x'‖₂`` over `n_samples` seeded Gaussian
+    neighbours ``x' = x + N(0, noise_std²)``; Φ is measured relative to ‖Φ(x)‖ so that the
+    estimate does not depend on a method's scale. Lower is better.
+    """
+
+    def draw(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        return torch.randn(x.shape, generator=g, dtype=torch.float64) * noise_std
+
+    changes, deltas = _perturbed_changes(
+        model,
+        inputs,
+        explainer,
+        target,
+        attributions=attributions,
+        n_samples=n_samples,
+        draw=draw,
+        batch_size=batch_size,
+        seed=seed,
+        method_options=method_options,
+    )
+    return (changes / deltas.clamp_min(1e-30)).amax(1).float()
