@@ -1,0 +1,83 @@
+"""Canonizers: rewrite the traced graph into a form LRP rules understand, and undo it afterwards.
+
+The traced graph already makes residual additions explicit (``x + y`` is a `Sum` step with the
+`Norm` rule), and flatten/view/reshape, dropout and pooling are classified steps. What remains is
+BatchNorm: a rule applied to a convolution followed by BatchNorm must see the *merged* affine map
+``y = (s·W) x + (s·(b − μ) + β)`` with ``s = γ / √(σ² + ε)``, as Zennit's `MergeBatchNorm`
+does. Canonizers work on the graph's own `Layer` table with new tensors — the user's parameters
+are never written — and are reversible context managers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from lumos.attribution.propagation.graph import Graph, Layer, batchnorm_affine
+
+MERGEABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class Canonizer:
+    """Base: `apply(graph)` rewrites the graph and returns a function that undoes it."""
+
+    def apply(self, graph: Graph):
+        raise NotImplementedError
+
+
+class MergeBatchNorm(Canonizer):
+    """Fold an eval-mode BatchNorm into the linear/conv layer that feeds only it."""
+
+    def apply(self, graph: Graph):
+        by_node = {s.node: s for s in graph.steps}
+        before = dict(graph.layers), set(graph.merged)
+        for step in graph.steps:
+            if step.kind != "batchnorm":
+                continue
+            source = step.node.args[0]
+            if not isinstance(source, fx.Node):
+                continue
+            producer = by_node[source]
+            if (
+                producer.kind != "linear"
+                or not isinstance(producer.module, MERGEABLE)
+                or len(source.users) != 1
+                or producer.path in graph.merged
+            ):
+                continue
+            graph.layers[producer.path] = merge(graph.layers[producer.path], step.module)
+            graph.merged.add(step.path)
+
+        def undo() -> None:
+            graph.layers.clear()
+            graph.layers.update(before[0])
+            graph.merged.clear()
+            graph.merged.update(before[1])
+
+        return undo
+
+
+def merge(layer: Layer, bn: nn.Module) -> Layer:
+    """A new `Layer` computing ``bn(layer(x))`` with merged weight and bias."""
+    scale, shift = batchnorm_affine(bn)
+    weight = layer.weight.detach()
+    merged_weight = weight * scale.view((-1,) + (1,) * (weight.dim() - 1))
+    bias = torch.zeros_like(scale) if layer.bias is None else layer.bias.detach()
+    return Layer(layer.fn, merged_weight, bias * scale + shift)
+
+
+@contextlib.contextmanager
+def canonized(graph: Graph, canonizers: Sequence[Canonizer]) -> Iterator[Graph]:
+    """Apply `canonizers` to `graph` for the duration of the block, undoing them in reverse."""
+    undos = []
+    try:
+        for canonizer in canonizers:
+            undos.append(canonizer.apply(graph))
+        yield graph
+    finally:
+        for undo in reversed(undos):
+            undo()

@@ -1,0 +1,510 @@
+"""The model as a graph of classified operations, traced with `torch.fx` and run with a strategy.
+
+Hook-based propagation (Captum, Zennit) only sees `nn.Module` calls: a model written with
+`F.relu`, `torch.relu`, `x + y` residuals, `F.max_pool2d` or one ReLU module reused in several
+places silently gets wrong relevance. Here the model is traced symbolically into its operations
+(the user's model is never modified; the trace shares its parameters read-only), every operation
+on the path from the inputs to the output is classified — linear layer, BatchNorm, activation,
+max pooling, averaging, sum, elementwise with a constant, or structural (reshape, cat, dropout) —
+and the graph is then run with a *strategy* that decides what each kind does (LRP rules,
+DeepLIFT multipliers, or the plain forward). An operation that no kind covers raises an
+`UnsupportedModelError` naming the module path and op, before anything is computed;
+`register_op` teaches the graph a new elementwise, pooling or structural op.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from lumos.core.errors import UnsupportedModelError
+from lumos.core.model import is_scripted, unwrap_compiled
+
+Tensor = torch.Tensor
+
+
+class Sum:
+    """Composite key for elementwise sums and differences of activations (residual adds)."""
+
+
+class Affine:
+    """Composite key for elementwise operations with constants (``x − mean``, ``x / std``)."""
+
+
+# -- op tables -----------------------------------------------------------------------------------
+
+ACTIVATION_MODULES: tuple[type, ...] = (
+    nn.ReLU, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid,
+    nn.Tanh, nn.Softplus, nn.ReLU6, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.PReLU,
+)  # fmt: skip
+ACTIVATION_FUNCTIONS: set[Any] = {
+    F.relu, F.relu_, torch.relu, torch.relu_, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu,
+    F.silu, F.mish, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.softplus, F.relu6,
+    F.hardtanh, F.hardswish, F.hardsigmoid,
+}  # fmt: skip
+ACTIVATION_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_"}
+MAX_POOL_MODULES: tuple[type, ...] = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+)  # fmt: skip
+MAX_POOL_FUNCTIONS: set[Any] = {
+    F.max_pool1d, F.max_pool2d, F.max_pool3d,
+    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
+}  # fmt: skip
+AVG_POOL_MODULES: tuple[type, ...] = (
+    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+)  # fmt: skip
+AVG_POOL_FUNCTIONS: dict[Any, type] = {
+    F.avg_pool1d: nn.AvgPool1d, F.avg_pool2d: nn.AvgPool2d, F.avg_pool3d: nn.AvgPool3d,
+    F.adaptive_avg_pool1d: nn.AdaptiveAvgPool1d, F.adaptive_avg_pool2d: nn.AdaptiveAvgPool2d,
+    F.adaptive_avg_pool3d: nn.AdaptiveAvgPool3d, torch.mean: nn.AdaptiveAvgPool2d,
+    torch.sum: nn.AdaptiveAvgPool2d,
+}  # fmt: skip
+AVG_POOL_METHODS = {"mean", "sum"}
+LINEAR_MODULES: tuple[type, ...] = (
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
+    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+)  # fmt: skip
+LINEAR_FUNCTIONS: dict[Any, type] = {
+    F.linear: nn.Linear, F.conv1d: nn.Conv1d, F.conv2d: nn.Conv2d, F.conv3d: nn.Conv3d,
+}  # fmt: skip
+BATCHNORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+STRUCTURAL_MODULES: tuple[type, ...] = (
+    nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+    nn.AlphaDropout, nn.ZeroPad2d, nn.ConstantPad2d,
+)  # fmt: skip
+STRUCTURAL_FUNCTIONS: set[Any] = {
+    torch.flatten, torch.reshape, torch.cat, torch.concat, torch.stack, torch.squeeze,
+    torch.unsqueeze, torch.permute, torch.transpose, torch.chunk, torch.split, torch.narrow,
+    torch.unbind, operator.getitem, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+    F.alpha_dropout, F.pad, getattr,
+}  # fmt: skip
+STRUCTURAL_METHODS = {
+    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "permute", "transpose",
+    "contiguous", "squeeze", "unsqueeze", "chunk", "split", "size", "dim", "unbind", "clone",
+    "to", "float", "double", "half", "type_as", "narrow", "expand", "expand_as", "repeat",
+}  # fmt: skip
+ADD = {operator.add, operator.iadd, torch.add, "add", "add_"}
+SUB = {operator.sub, operator.isub, torch.sub, "sub", "sub_"}
+MUL = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
+DIV = {operator.truediv, operator.itruediv, torch.div, "div", "div_"}
+NEG = {operator.neg, torch.neg, "neg"}
+_INPLACE_TO_PLAIN = {
+    operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+    operator.itruediv: operator.truediv, F.relu_: F.relu, torch.relu_: torch.relu,
+}  # fmt: skip
+
+_EXTRA: dict[Any, str] = {}
+KINDS = ("activation", "max_pool", "avg_pool", "structural")
+
+
+def register_op(target: Any, kind: str) -> None:
+    """Teach the propagation methods an op: `target` is a function, a method name or a module
+    type; `kind` is ``activation`` (elementwise, monotone), ``max_pool``, ``avg_pool`` (a
+    positive average of its input) or ``structural`` (moves or selects values)."""
+    if kind not in KINDS:
+        raise UnsupportedModelError(f"register_op: kind must be one of {KINDS}, got {kind!r}.")
+    _EXTRA[target] = kind
+
+
+# -- layers --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Layer:
+    """A linear layer as ``fn(x, weight, bias)`` with its (possibly canonized) parameters."""
+
+    fn: Callable[..., Tensor]
+    weight: Tensor | None
+    bias: Tensor | None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.fn(x, self.weight, self.bias)
+
+
+def module_layer(module: nn.Module) -> Layer:
+    """The `Layer` of a linear/conv module (weights read, never written)."""
+    if isinstance(module, nn.Linear):
+        return Layer(_linear, module.weight, module.bias)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return Layer(module._conv_forward, module.weight, module.bias)
+
+    def call(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        params = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
+        if module.bias is not None and bias is None:
+            params["bias"] = torch.zeros_like(module.bias)
+        return torch.func.functional_call(module, params, (x,))
+
+    return Layer(call, module.weight, module.bias)
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return F.linear(x, weight, bias)
+
+
+def batchnorm_affine(module: nn.Module) -> tuple[Tensor, Tensor]:
+    """The per-channel scale and shift of an eval-mode BatchNorm: ``y = scale·x + shift``."""
+    scale = torch.rsqrt(module.running_var + module.eps)
+    if module.weight is not None:
+        scale = scale * module.weight
+    shift = -module.running_mean * scale
+    if module.bias is not None:
+        shift = shift + module.bias
+    return scale.detach(), shift.detach()
+
+
+def _channel_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return x * scale.view(shape) + shift.view(shape)
+
+
+# -- the graph -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Step:
+    """One classified node: its kind, a readable path, the module type used by composites."""
+
+    node: fx.Node
+    kind: str
+    path: str
+    key: type | None = None
+    module: nn.Module | None = None
+    carries: bool = False
+    first: bool = False
+    output_layer: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Graph:
+    """A traced model whose operations on the input→output path are classified.
+
+    `layers` maps linear steps to their `Layer`; canonizers replace entries (and BatchNorm steps
+    merged into a layer become identities) and restore them afterwards.
+    """
+
+    def __init__(self, model: Any, method: str) -> None:
+        model = unwrap_compiled(model)
+        if is_scripted(model) or not isinstance(model, nn.Module):
+            raise UnsupportedModelError(
+                f"{method} propagates through the model's layers and needs an eager "
+                "torch.nn.Module (not a TorchScript model or a plain function)."
+            )
+        try:
+            self.module = fx.symbolic_trace(model)
+        except Exception as exc:  # fx raises many types for untraceable code
+            raise UnsupportedModelError(
+                f"{method} traces the model with torch.fx to see every operation (functional "
+                f"ReLUs, residual adds), and tracing failed: {exc}. Data-dependent control flow "
+                "cannot be traced; move it out of forward() or use 'integrated_gradients'."
+            ) from exc
+        self.method = method
+        self.modules = dict(self.module.named_modules())
+        self.steps: list[Step] = []
+        self.layers: dict[str, Layer] = {}
+        self.merged: set[str] = set()
+        self.carries: dict[fx.Node, bool] = {}
+        self._classify()
+
+    # classification
+    def _classify(self) -> None:
+        carries = self.carries
+        first_seen = False
+        for node in self.module.graph.nodes:
+            inputs = node.all_input_nodes
+            carrying = node.op == "placeholder" or any(carries.get(n, False) for n in inputs)
+            carries[node] = carrying
+            step = Step(node, "constant", _path(node), carries=carrying)
+            if node.op in ("placeholder", "output", "get_attr"):
+                step.kind = node.op
+            elif carrying:
+                self._classify_call(step, carries)
+            if step.kind == "linear" and not first_seen:
+                step.first, first_seen = True, True
+            self.steps.append(step)
+        self._mark_output_layer()
+
+    def _classify_call(self, step: Step, carries: dict[fx.Node, bool]) -> None:
+        node = step.node
+        target = node.target
+        if node.op == "call_module":
+            module = self.modules[target]
+            step.module, step.key = module, type(module)
+            kind = _EXTRA.get(type(module))
+            if kind:
+                step.kind = kind
+            elif isinstance(module, LINEAR_MODULES):
+                step.kind = "linear"
+                self.layers[step.path] = module_layer(module)
+            elif isinstance(module, BATCHNORM_MODULES):
+                if module.training and module.track_running_stats:
+                    raise self._unsupported(
+                        step, "a BatchNorm in training mode (its output depends on the batch)",
+                        "call model.eval() first",
+                    )  # fmt: skip
+                step.kind = "batchnorm"
+            elif isinstance(module, ACTIVATION_MODULES):
+                step.kind = "activation"
+            elif isinstance(module, MAX_POOL_MODULES):
+                step.kind = "max_pool"
+            elif isinstance(module, AVG_POOL_MODULES):
+                step.kind = "avg_pool"
+            elif isinstance(module, STRUCTURAL_MODULES):
+                step.kind = "structural"
+            else:
+                raise self._unsupported(step, f"the module {type(module).__name__}")
+            return
+        name = target
+        arg_carries = [isinstance(a, fx.Node) and carries.get(a, False) for a in node.args]
+        if name in _EXTRA:
+            step.kind = _EXTRA[name]
+        elif name in LINEAR_FUNCTIONS and node.op == "call_function":
+            if any(arg_carries[1:]) or any(
+                isinstance(v, fx.Node) and carries.get(v, False) for v in node.kwargs.values()
+            ):
+                raise self._unsupported(step, f"{_name(target)} with input-dependent weights")
+            step.kind, step.key = "linear", LINEAR_FUNCTIONS[name]
+        elif name in ACTIVATION_FUNCTIONS or name in ACTIVATION_METHODS:
+            step.kind, step.key = "activation", nn.ReLU
+        elif name in MAX_POOL_FUNCTIONS:
+            step.kind, step.key = "max_pool", nn.MaxPool2d
+        elif name in AVG_POOL_FUNCTIONS or name in AVG_POOL_METHODS:
+            step.kind, step.key = "avg_pool", AVG_POOL_FUNCTIONS.get(name, nn.AdaptiveAvgPool2d)
+        elif name in STRUCTURAL_FUNCTIONS or name in STRUCTURAL_METHODS:
+            step.kind = "structural"
+        elif name in ADD or name in SUB or name in MUL or name in DIV or name in NEG:
+            step.kind, step.key = "arithmetic", Affine
+        elif name is F.batch_norm:
+            if node.kwargs.get("training", node.args[5] if len(node.args) > 5 else False):
+                raise self._unsupported(step, "batch_norm in training mode", "call model.eval()")
+            step.kind, step.key = "affine", Affine
+        else:
+            raise self._unsupported(step, f"the operation {_name(target)}")
+
+    def _mark_output_layer(self) -> None:
+        """The linear layer that produces the output (through structural steps only)."""
+        by_node = {s.node: s for s in self.steps}
+        output = next(s for s in self.steps if s.kind == "output")
+        frontier = list(output.node.all_input_nodes)
+        while frontier:
+            step = by_node[frontier.pop()]
+            if step.kind == "linear":
+                step.output_layer = True
+            elif step.kind in ("structural", "batchnorm"):
+                frontier.extend(step.node.all_input_nodes)
+
+    def _unsupported(self, step: Step, what: str, fix: str | None = None) -> UnsupportedModelError:
+        fix = fix or (
+            "Rewrite it with supported operations, or declare it with "
+            "lumos.attribution.propagation.register_op(op, kind) if it is elementwise "
+            "('activation'), a pooling ('max_pool', 'avg_pool') or moves values ('structural')"
+        )
+        return UnsupportedModelError(
+            f"{self.method} has no propagation rule for {what} at '{step.path}' (traced node "
+            f"'{step.node.name}'). {fix}."
+        )
+
+    def _carrying_tensors(self, node: fx.Node, args: tuple) -> list[int]:
+        return [
+            i
+            for i, (a, n) in enumerate(zip(args, node.args))
+            if isinstance(a, Tensor) and isinstance(n, fx.Node) and self.carries.get(n, False)
+        ]
+
+    def _carrying_position(self, node: fx.Node, args: tuple) -> int:
+        positions = self._carrying_tensors(node, args)
+        return positions[0] if positions else 0
+
+    def _arithmetic_kind(self, step: Step, args: tuple) -> str:
+        """``+ − × ÷``: a sum of activations, an affine op with a constant, or shape arithmetic."""
+        n = len(self._carrying_tensors(step.node, args))
+        if n == 0:
+            return "constant"
+        if n == 1:
+            return "affine"
+        if step.node.target in ADD or step.node.target in SUB:
+            return "sum"
+        raise self._unsupported(
+            step, f"{_name(step.node.target)} of two activations (a gating product)"
+        )
+
+    # running
+    def run(self, strategy: Strategy, inputs: Sequence[Tensor]) -> Any:
+        """Evaluate the graph on `inputs`, letting `strategy` compute every classified step."""
+        env: dict[fx.Node, Any] = {}
+        placeholders = iter(inputs)
+        for step in self.steps:
+            node = step.node
+            if node.op == "placeholder":
+                env[node] = next(placeholders)
+                continue
+            if node.op == "output":
+                return fx.node.map_arg(node.args[0], lambda n: env[n])
+            args = fx.node.map_arg(node.args, lambda n: env[n])
+            kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
+            env[node] = self._evaluate(step, strategy, args, kwargs)
+        raise UnsupportedModelError("The traced model has no output.")
+
+    def _evaluate(self, step: Step, strategy: Strategy, args: tuple, kwargs: dict) -> Any:
+        node, module = step.node, step.module
+        kind = step.kind
+        if module is not None and (module._forward_pre_hooks or module._forward_hooks):
+            _pre_hooks(module, args, step.path)
+        if kind == "arithmetic":
+            kind = self._arithmetic_kind(step, args)
+        if kind == "get_attr":
+            out = _attr(self.module, node.target)
+        elif kind in ("constant", "structural"):
+            out = _call(node, self.module, args, kwargs)
+        elif kind == "linear":
+            layer = self.layers.get(step.path)
+            if layer is None:
+                layer = _functional_layer(node.target, args, kwargs)
+            out = strategy.layer(step, layer, args[0])
+        elif kind == "batchnorm":
+            x = args[0]
+            out = x if step.path in self.merged else strategy.affine(step, _bn_fn(module), x)
+        elif kind == "sum":
+            out = strategy.sum(step, *_sum_terms(node, args))
+        else:
+            position = self._carrying_position(node, args)
+            x = args[position]
+            fn = _with_input(node, self.module, args, kwargs, position)
+            handler = {
+                "activation": strategy.activation,
+                "max_pool": strategy.max_pool,
+                "avg_pool": strategy.avg_pool,
+                "affine": strategy.affine,
+            }[kind]
+            out = handler(step, fn, x)
+        if module is not None and module._forward_hooks:
+            _post_hooks(module, args, out, step.path)
+        return out
+
+
+def _attr(root: nn.Module, target: str) -> Any:
+    value: Any = root
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _path(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack") or {}
+    scope = next(reversed(stack.values()))[0] if stack else ""
+    return f"{scope}.{node.name}" if scope else node.name
+
+
+def _name(target: Any) -> str:
+    if isinstance(target, str):
+        return f"Tensor.{target}"
+    return getattr(target, "__name__", repr(target))
+
+
+def _call(node: fx.Node, root: nn.Module, args: tuple, kwargs: dict) -> Any:
+    if "inplace" in kwargs:
+        kwargs = {**kwargs, "inplace": False}
+    if node.op == "call_module":
+        return _attr(root, node.target)(*args, **kwargs)
+    if node.op == "call_method":
+        name = node.target[:-1] if node.target.endswith("_") else node.target
+        return getattr(args[0], name)(*args[1:], **kwargs)
+    target = _INPLACE_TO_PLAIN.get(node.target, node.target)
+    if target is F.relu and len(args) > 1:
+        args = args[:1]
+    return target(*args, **kwargs)
+
+
+def _with_input(node: fx.Node, root: nn.Module, args: tuple, kwargs: dict, position: int):
+    """The step as a function of its carrying input alone (the other arguments bound)."""
+
+    def fn(x: Tensor) -> Tensor:
+        new_args = (*args[:position], x, *args[position + 1 :])
+        return _call(node, root, new_args, kwargs)
+
+    return fn
+
+
+def _functional_layer(target: Any, args: tuple, kwargs: dict) -> Layer:
+    rest, options = args[3:], {k: v for k, v in kwargs.items() if k not in ("weight", "bias")}
+    weight = kwargs.get("weight", args[1] if len(args) > 1 else None)
+    bias = kwargs.get("bias", args[2] if len(args) > 2 else None)
+
+    def fn(x: Tensor, w: Tensor | None, b: Tensor | None) -> Tensor:
+        return target(x, w, b, *rest, **options)
+
+    return Layer(fn, weight, bias)
+
+
+def _bn_fn(module: nn.Module) -> Callable[[Tensor], Tensor]:
+    scale, shift = batchnorm_affine(module)
+    return lambda x: _channel_affine(x, scale, shift)
+
+
+def _sum_terms(node: fx.Node, args: tuple) -> tuple[list[Tensor], list[float]]:
+    """Operands and signs of ``a + b``, ``a - b``, ``torch.add(a, b, alpha=k)``."""
+    a, b = args[0], args[1]
+    alpha = float(node.kwargs.get("alpha", 1.0))
+    sign = -alpha if node.target in SUB else alpha
+    return [a, b], [1.0, sign]
+
+
+def _pre_hooks(module: nn.Module, args: tuple, path: str) -> None:
+    for hook in list(module._forward_pre_hooks.values()):
+        if hook(module, args) is not None:
+            raise UnsupportedModelError(
+                f"A forward pre-hook on '{path}' replaces the module's input; propagation "
+                "methods compute their own layer outputs and cannot honour it. Remove the hook."
+            )
+
+
+def _post_hooks(module: nn.Module, args: tuple, out: Any, path: str) -> None:
+    for key, hook in list(module._forward_hooks.items()):
+        if key in module._forward_hooks_with_kwargs:
+            result = hook(module, args, {}, out)
+        else:
+            result = hook(module, args, out)
+        if result is not None:
+            raise UnsupportedModelError(
+                f"A forward hook on '{path}' replaces the module's output; propagation methods "
+                "compute their own layer outputs and cannot honour it. Remove the hook."
+            )
+
+
+class Strategy:
+    """What each kind of step computes; the base class is the plain forward pass."""
+
+    def layer(self, step: Step, layer: Layer, x: Tensor) -> Tensor:
+        return layer(x)
+
+    def affine(self, step: Step, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+        return fn(x)
+
+    def activation(self, step: Step, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+        return fn(x)
+
+    def max_pool(self, step: Step, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+        return fn(x)
+
+    def avg_pool(self, step: Step, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+        return fn(x)
+
+    def sum(self, step: Step, terms: list[Tensor], signs: list[float]) -> Tensor:
+        return weighted_sum(terms, signs)
+
+
+def weighted_sum(terms: Sequence[Tensor], signs: Sequence[float]) -> Tensor:
+    out = terms[0] * signs[0] if signs[0] != 1.0 else terms[0]
+    for t, s in zip(terms[1:], signs[1:]):
+        out = out + (t if s == 1.0 else t * s)
+    return out

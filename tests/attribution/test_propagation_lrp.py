@@ -1,0 +1,374 @@
+"""LRP: conservation on functional CNNs, every rule against its matrix form, canonizers,
+composites, Zennit reference relevances, and clear errors for what cannot be propagated."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from models import tiny_cnn
+from torch import nn
+
+import lumos
+from lumos.attribution.propagation import (
+    AlphaBeta,
+    Epsilon,
+    Flat,
+    Gamma,
+    MergeBatchNorm,
+    WSquare,
+    ZBox,
+    ZPlus,
+    register_op,
+)
+from lumos.attribution.propagation import graph as graph_module
+from lumos.attribution.propagation.canonizers import canonized
+from lumos.attribution.propagation.graph import Graph, Strategy
+from lumos.attribution.propagation.rules import stabilize
+from lumos.core.errors import InputError, UnknownNameError, UnsupportedModelError
+
+ROOT = Path(__file__).resolve().parents[2]
+PRESETS = [
+    "epsilon",
+    "epsilon_plus",
+    "epsilon_gamma_box",
+    "epsilon_alpha2_beta1",
+    "epsilon_plus_flat",
+    "epsilon_alpha2_beta1_flat",
+]
+
+
+class FunctionalNet(nn.Module):
+    """Bias-free ReLU CNN written the way that breaks hook-based LRP: one ReLU module reused,
+    F.relu / torch.relu / in-place ReLU, a residual `x + y`, F.max_pool2d, average pooling and
+    torch.flatten."""
+
+    def __init__(self, bias: bool = False) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1, bias=bias)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1, bias=bias)
+        self.conv3 = nn.Conv2d(6, 8, 3, padding=1, bias=bias)
+        self.fc = nn.Linear(8 * 2 * 2, 5, bias=bias)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.max_pool2d(self.act(self.conv1(x)), 2)
+        h = torch.relu(h + F.relu(self.conv2(h), inplace=True))
+        h = F.avg_pool2d(self.act(self.conv3(h)), 2)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(h, 2), 1))
+
+
+class ModuleNet(nn.Module):
+    """The same function as `FunctionalNet` with one module per operation (what hooks see)."""
+
+    def __init__(self, twin: FunctionalNet) -> None:
+        super().__init__()
+        self.conv1, self.conv2, self.conv3, self.fc = twin.conv1, twin.conv2, twin.conv3, twin.fc
+        self.relu1, self.relu2, self.relu3, self.relu4 = nn.ReLU(), nn.ReLU(), nn.ReLU(), nn.ReLU()
+        self.pool1, self.pool2, self.pool3 = (
+            nn.MaxPool2d(2),
+            nn.AvgPool2d(2),
+            nn.AdaptiveAvgPool2d(2),
+        )
+        self.flatten = nn.Flatten()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.pool1(self.relu1(self.conv1(x)))
+        h = self.relu3(h + self.relu2(self.conv2(h)))
+        h = self.pool2(self.relu4(self.conv3(h)))
+        return self.fc(self.flatten(self.pool3(h)))
+
+
+def functional_net(bias: bool = False) -> FunctionalNet:
+    torch.manual_seed(0)
+    return FunctionalNet(bias).double().eval()
+
+
+def lrp(model, x, target, **options):
+    return lumos.explain(model, x, method="lrp", target=target, **options)
+
+
+def test_lrp_epsilon_conserves_the_logit_on_a_functional_bias_free_cnn():
+    model = functional_net()
+    x = torch.rand(4, 3, 16, 16, dtype=torch.float64)
+    exp = lrp(model, x, [0, 1, 2, 3], composite="epsilon", epsilon=1e-9)
+    logits = model(x).gather(1, torch.tensor([[0], [1], [2], [3]])).squeeze(1).detach()
+    sums = exp.attributions.flatten(1).sum(1)
+    assert torch.allclose(sums, logits, rtol=1e-4, atol=0)
+    assert (exp.delta.abs() <= 1e-4 * logits.abs()).all()
+
+
+@pytest.mark.parametrize("composite", ["epsilon", "epsilon_plus", "epsilon_alpha2_beta1"])
+def test_lrp_of_functional_code_equals_lrp_of_its_module_twin(composite):
+    functional = functional_net()
+    twin = ModuleNet(functional).eval()
+    x = torch.rand(3, 3, 16, 16, dtype=torch.float64)
+    a = lrp(functional, x, 2, composite=composite).attributions
+    b = lrp(twin, x, 2, composite=composite).attributions
+    assert torch.allclose(a, b, atol=1e-12)
+
+
+def test_lrp_epsilon_plus_is_conserved_on_relu_nets_without_bias():
+    model = functional_net()
+    x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
+    exp = lrp(model, x, 1, composite="epsilon_plus")
+    logit = model(x)[:, 1].detach()
+    assert (exp.delta.abs() <= 1e-4 * logit.abs()).all()
+
+
+# -- every rule against its matrix form ----------------------------------------------------------
+
+
+def contributions(rule, x, w, b, z):
+    """(c_j, bias term) of a rule for one output unit: R_j = c_j R / stab(Σ c + bias term)."""
+    xp, xn, wp, wn = x.clamp(min=0), x.clamp(max=0), w.clamp(min=0), w.clamp(max=0)
+    bp, bn = max(b, 0.0), min(b, 0.0)
+    if isinstance(rule, Epsilon):
+        return [(x * w, b, 1.0)], rule.epsilon
+    if isinstance(rule, ZPlus):
+        return [(xp * wp + xn * wn, bp, 1.0)], rule.stabilizer
+    if isinstance(rule, AlphaBeta):
+        return [
+            (xp * wp + xn * wn, bp, rule.alpha),
+            (xp * wn + xn * wp, bn, -rule.beta),
+        ], rule.stabilizer
+    if isinstance(rule, Gamma):
+        g = rule.gamma
+        if z > 0:
+            return [(xp * (w + g * wp) + xn * (w + g * wn), b + g * bp, 1.0)], rule.stabilizer
+        return [(xp * (w + g * wn) + xn * (w + g * wp), b + g * bn, 1.0)], rule.stabilizer
+    if isinstance(rule, ZBox):
+        return [(x * w - rule.low * wp - rule.high * wn, b - bp - bn, 1.0)], rule.stabilizer
+    if isinstance(rule, Flat):
+        return [((w != 0).to(x.dtype), 0.0, 1.0)], rule.stabilizer  # connected inputs
+    if isinstance(rule, WSquare):
+        return [(w * w, b * b, 1.0)], rule.stabilizer
+    raise AssertionError(rule)
+
+
+def matrix_rule(rule, x, weight, bias, k):
+    """Relevance of the inputs for output unit k of ``z = W x + b`` with R_k = z_k."""
+    w, b = weight[k].detach(), float(bias[k].detach())
+    z = float(x @ w + b)
+    parts, eps = contributions(rule, x, w, b, z)
+    relevance = torch.zeros_like(x)
+    for c, bias_term, coefficient in parts:
+        relevance += coefficient * c * z / stabilize(float(c.sum() + bias_term), eps)
+    return relevance
+
+
+RULES = [
+    Epsilon(0.0),
+    Epsilon(0.3),
+    ZPlus(),
+    AlphaBeta(2.0, 1.0),
+    AlphaBeta(1.0, 0.0),
+    Gamma(0.25),
+    ZBox(-1.0, 1.0),
+    Flat(),
+    WSquare(),
+]
+
+
+@pytest.mark.parametrize("rule", RULES, ids=lambda r: repr(r))
+def test_every_rule_matches_its_matrix_form_on_a_linear_layer(rule):
+    torch.manual_seed(1)
+    layer = nn.Linear(7, 4).double()
+    x = torch.rand(3, 7, dtype=torch.float64) * 2 - 1
+    exp = lrp(layer, x, 2, composite={nn.Linear: rule})
+    expected = torch.stack([matrix_rule(rule, row, layer.weight, layer.bias, 2) for row in x])
+    assert torch.allclose(exp.attributions, expected, atol=1e-10)
+
+
+@pytest.mark.parametrize("rule", RULES, ids=lambda r: repr(r))
+def test_every_rule_matches_its_matrix_form_on_a_conv_layer(rule):
+    torch.manual_seed(2)
+    conv = nn.Conv2d(2, 3, 3, padding=1).double()
+    model = nn.Sequential(conv, nn.Flatten()).eval()
+    x = torch.rand(2, 2, 4, 4, dtype=torch.float64) * 2 - 1
+    # the conv as a dense matrix: columns are its responses to the basis images (bias removed)
+    basis = torch.eye(32, dtype=torch.float64).view(32, 2, 4, 4)
+    dense = (F.conv2d(basis, conv.weight, padding=1).flatten(1)).T
+    bias = conv.bias.repeat_interleave(16)
+    k = 21
+    exp = lrp(model, x, k, composite={nn.Conv2d: rule})
+    expected = torch.stack([matrix_rule(rule, row.flatten(), dense, bias, k) for row in x])
+    assert torch.allclose(exp.attributions.flatten(1), expected, atol=1e-10)
+
+
+def test_composite_keys_by_path_override_keys_by_type():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).double().eval()
+    x = torch.rand(2, 6, dtype=torch.float64)
+    by_path = lrp(model, x, 0, composite={"0": Flat(), nn.Linear: Epsilon()}).attributions
+    by_type = lrp(model, x, 0, composite={nn.Linear: Epsilon()}).attributions
+    flat_first = lrp(model, x, 0, composite={"first": Flat(), nn.Linear: Epsilon()}).attributions
+    assert torch.allclose(by_path, flat_first)
+    assert not torch.allclose(by_path, by_type)
+    assert torch.allclose(by_path[:, 1:], by_path[:, :1].expand(-1, 5))  # flat: uniform
+
+
+# -- canonizers ----------------------------------------------------------------------------------
+
+
+def test_merge_batchnorm_leaves_outputs_unchanged_and_is_undone():
+    model = tiny_cnn().double()
+    params = [p.detach().clone() for p in model.parameters()]
+    buffers = [b.clone() for b in model.buffers()]
+    x = torch.rand(3, 3, 16, 16, dtype=torch.float64)
+    graph = Graph(model, "lrp")
+    layers = dict(graph.layers)
+    with canonized(graph, [MergeBatchNorm()]):
+        assert graph.merged == {"bn1", "bn2", "block.bn_a", "block.bn_b"}
+        merged = graph.run(Strategy(), (x,))
+    assert torch.allclose(merged, model(x), atol=1e-12, rtol=0)
+    assert graph.layers == layers and not graph.merged
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
+
+
+def test_batchnorm_feeding_two_layers_is_not_merged():
+    class Fork(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            z = self.conv(x)
+            return self.head((self.bn(z) + z).mean((2, 3)))
+
+    model = Fork().double().eval()
+    graph = Graph(model, "lrp")
+    with canonized(graph, [MergeBatchNorm()]):
+        assert not graph.merged
+
+
+# -- zennit --------------------------------------------------------------------------------------
+
+
+def _zennit_references():
+    script = ROOT / "scripts" / "make_zennit_references.py"
+    spec = importlib.util.spec_from_file_location("make_zennit_references", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    data = np.load(ROOT / "tests/attribution/references/propagation/zennit.npz")
+    return module, data
+
+
+@pytest.mark.parametrize(
+    "preset",
+    [
+        "epsilon_plus",
+        "epsilon_gamma_box",
+        "epsilon_alpha2_beta1",
+        "epsilon_plus_flat",
+        "epsilon_alpha2_beta1_flat",
+    ],
+)
+def test_presets_match_zennit_reference_relevances(preset):
+    references, data = _zennit_references()
+    state = {k[len("state/") :]: data[k] for k in data.files if k.startswith("state/")}
+    model = references.reference_model(state)
+    x = torch.from_numpy(data["input"])
+    options = {"low": 0.0, "high": 1.0} if preset == "epsilon_gamma_box" else {}
+    exp = lrp(model, x, references.TARGET, composite=preset, **options)
+    expected = torch.from_numpy(data[f"relevance/{preset}"])
+    scale = expected.abs().max()
+    assert (exp.attributions - expected).abs().max() <= 1e-4 * scale
+
+
+# -- every preset runs on the zoo-like model; errors -----------------------------------------------
+
+
+@pytest.mark.parametrize("composite", PRESETS)
+def test_every_preset_runs_on_tiny_cnn_with_finite_relevance(composite):
+    model = tiny_cnn()
+    exp = lrp(model, torch.rand(2, 3, 16, 16), "predicted", composite=composite)
+    assert torch.isfinite(exp.attributions).all() and exp.delta.shape == (2,)
+
+
+def test_unknown_preset_suggests_the_closest_name():
+    with pytest.raises(UnknownNameError, match="epsilon_plus"):
+        lrp(tiny_cnn(), torch.rand(1, 3, 16, 16), 0, composite="epsilon_pluss")
+
+
+def test_alpha_beta_must_conserve():
+    with pytest.raises(InputError, match="alpha - beta = 1"):
+        AlphaBeta(2.0, 2.0)
+
+
+def test_a_layer_without_a_rule_is_named():
+    with pytest.raises(UnsupportedModelError, match=r"'fc'.*composite="):
+        lrp(tiny_cnn(), torch.rand(1, 3, 16, 16), 0, composite={nn.Conv2d: Epsilon()})
+
+
+class Gated(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return h * torch.sigmoid(h)
+
+
+class Cumulative(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return torch.cumsum(self.fc(x), dim=1)
+
+
+class Branching(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.fc(x)
+        return -self.fc(x)
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        (Gated(), "gating product"),
+        (Cumulative(), "cumsum.*register_op"),
+        (Branching(), "torch.fx"),
+    ],
+)
+@pytest.mark.parametrize("method", ["lrp", "deeplift", "excitation_backprop"])
+def test_constructs_without_a_rule_raise_and_name_the_op(model, message, method):
+    with pytest.raises(UnsupportedModelError, match=message):
+        lumos.explain(model.eval(), torch.rand(2, 4), method=method, target=0)
+
+
+def test_register_op_teaches_a_new_elementwise_activation(monkeypatch):
+    monkeypatch.setattr(graph_module, "_EXTRA", {})
+
+    class Square(nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.softsign(x)
+
+    model = nn.Sequential(nn.Linear(4, 3), Square(), nn.Linear(3, 2)).double().eval()
+    x = torch.rand(2, 4, dtype=torch.float64)
+    with pytest.raises(UnsupportedModelError, match="softsign"):
+        lrp(model, x, 0)
+    register_op(torch.nn.functional.softsign, "activation")
+    assert torch.isfinite(lrp(model, x, 0).attributions).all()
+
+
+def test_torchvision_resnet_is_conserved_under_lrp_epsilon():
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.resnet18(weights=None).double().eval()
+    x = torch.rand(1, 3, 64, 64, dtype=torch.float64)
+    exp = lrp(model, x, 3, composite="epsilon_plus")
+    assert torch.isfinite(exp.attributions).all()
