@@ -31,6 +31,7 @@ FAMILIES = (
 #: the method, not just its attributions).
 NEEDS = ("model", "masks", "explainer")
 _METRICS: dict[str, MetricInfo] = {}
+_TENSOR = Structure("tensor", ("input",))
 
 
 @dataclass(frozen=True)
@@ -199,8 +200,13 @@ class ModelRunner:
         self.x = x.detach().to(self.device)
         self.n = int(self.x.shape[0])
         with preserved(model), torch.no_grad():
-            outputs = call_model(model, (self.x,), Structure("tensor", ("input",)))
+            parts = [call_model(model, (self.x[s],), _TENSOR) for s in chunks(self.n, batch_size)]
+        outputs = parts[0] if len(parts) == 1 else torch.cat([output_tensor(p) for p in parts])
         self.target: Target = resolve_target(target, outputs, self.n)
+        #: the number of classes for class-index targets (None for callable or scalar targets)
+        self.n_classes = None
+        if self.target.indices is not None:
+            self.n_classes = int(output_tensor(outputs).shape[1])
         self.index = torch.arange(self.n, device=self.device)
         self.values = self._select(outputs, self.index)
 
@@ -219,7 +225,7 @@ class ModelRunner:
         with preserved(self.model), torch.no_grad():
             for s in chunks(n_rows, self.batch_size):
                 rows = make_rows(s)
-                outputs = call_model(self.model, (rows,), Structure("tensor", ("input",)))
+                outputs = call_model(self.model, (rows,), _TENSOR)
                 out[s] = self._select(outputs, example_index[s]).double()
         return out
 
@@ -240,7 +246,7 @@ def fill_values(x: torch.Tensor, baseline: Any, seed: int = 0) -> torch.Tensor:
             "Integer inputs (token ids) are perturbed by replacing them with a token: pass "
             "baseline=<int token id>, e.g. the padding or [MASK] id."
         )
-    return resolve_baselines(baseline, (x,), Structure("tensor", ("input",)), seed=seed)[0]
+    return resolve_baselines(baseline, (x,), _TENSOR, seed=seed)[0]
 
 
 class Features:

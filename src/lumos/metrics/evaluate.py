@@ -325,9 +325,16 @@ def _unique(name: str, taken: list[str]) -> str:
     return label
 
 
+#: Black-box methods cheap enough to run by default (others: name them in `methods`).
+DEFAULT_BLACK_BOX = ("occlusion", "rise")
+
+
 def applicable_methods(layer: Any = None) -> list[str]:
-    """Registered methods that give input-space maps for a class target (layer methods only
-    with a `layer`; methods that need a background set are left to `method_options`)."""
+    """The registered methods `trust_report` runs by default: every gradient, propagation and
+    CAM method that gives input-space maps for a class target (methods that need a `layer` only
+    when one is given), plus the cheap black-box methods `DEFAULT_BLACK_BOX`. Methods that need
+    a background set are included; without ``method_options={name: {"baselines": ...}}`` they
+    are reported as not applicable."""
     from lumos.api import methods as registered
 
     rows = []
@@ -335,6 +342,8 @@ def applicable_methods(layer: Any = None) -> list[str]:
         if info.family not in INPUT_FAMILIES or "neuron" in info.needs:
             continue
         if "layer" in info.needs and layer is None:
+            continue
+        if "black_box" in info.needs and info.name not in DEFAULT_BLACK_BOX:
             continue
         rows.append(info.name)
     return rows

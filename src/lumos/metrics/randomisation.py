@@ -9,8 +9,8 @@ them, and "cascading" randomises them from the output (top) down.
 from __future__ import annotations
 
 import copy
-import io
-from collections.abc import Callable, Sequence
+import html
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,10 +26,9 @@ from lumos.core.errors import (
     unknown_name,
 )
 from lumos.core.inputs import Structure, call_model
-from lumos.core.targets import TargetLike, output_tensor
+from lumos.core.targets import TargetLike
 from lumos.metrics.base import (
     ModelRunner,
-    as_batch,
     attribution_map,
     explainer_for,
     register_metric,
@@ -72,18 +71,42 @@ def randomise(model: nn.Module, layers: Sequence[str], seed: int = 0) -> nn.Modu
     deviation (seeded), which keeps the scale of every layer and destroys what it learned.
     """
     copied = copy.deepcopy(model)
-    modules = dict(copied.named_modules())
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    with torch.no_grad():
-        for name in layers:
-            if name not in modules:
-                raise unknown_name("layer", name, modules)
-            for p in modules[name].parameters(recurse=False):
-                mean = p.mean()
-                std = p.std() if p.numel() > 1 else p.new_zeros(())
-                noise = torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device)
-                p.copy_(mean + torch.nan_to_num(std) * noise)
+    modules = dict(copied.named_modules())
+    for name in layers:
+        _redraw(modules, name, generator)
     return copied
+
+
+def _redraw(modules: dict[str, nn.Module], name: str, generator: torch.Generator) -> None:
+    if name not in modules:
+        raise unknown_name("layer", name, [k for k in modules if k])
+    with torch.no_grad():
+        for p in modules[name].parameters(recurse=False):
+            mean = p.mean()
+            std = p.std() if p.numel() > 1 else p.new_zeros(())
+            noise = torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device)
+            p.copy_(mean + torch.nan_to_num(std) * noise)
+
+
+def randomised_models(
+    model: nn.Module, layers: Sequence[str], mode: str = "cascading", seed: int = 0
+) -> Iterator[nn.Module]:
+    """One randomised copy per step: cascading randomises `layers[:j+1]` (one copy, redrawn
+    step by step, equal to `randomise(model, layers[:j+1], seed)`); independent only
+    `layers[j]`. Only one copy is alive at a time."""
+    if mode == "cascading":
+        current = copy.deepcopy(model)
+        modules = dict(current.named_modules())
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        for name in layers:
+            _redraw(modules, name, generator)
+            yield current
+    elif mode == "independent":
+        for name in layers:
+            yield randomise(model, [name], seed)
+    else:
+        raise unknown_name("randomisation mode", mode, ("cascading", "independent"))
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7) -> torch.Tensor:
@@ -160,7 +183,7 @@ def model_randomisation(
     targets = runner.target_argument()
     if attributions is None:
         attributions = explain(model, runner.x, targets)
-    random_model = randomise(model, parameter_layers(model, runner.x), seed)
+    random_model = randomise(model, parameter_layers(model, runner.x)[::-1], seed)
     after = explain(random_model, runner.x, targets)
     return similarity(attributions, after, similarity_measure).float()
 
@@ -192,16 +215,14 @@ def random_logit(
     """
     runner = ModelRunner(model, inputs, target)
     explain = explainer_for(explainer, method_options)
-    with torch.no_grad():
-        out = output_tensor(call_model(model, (runner.x[:1],), Structure("tensor", ("input",))))
-    if runner.target.indices is None or out.dim() != 2 or out.shape[1] < 2:
+    if runner.n_classes is None or runner.n_classes < 2:
         raise TargetError("random_logit needs a classifier and class-index targets.")
     classes = runner.target.indices
     if attributions is None:
         attributions = explain(model, runner.x, classes.clone())
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    shift = torch.randint(1, int(out.shape[1]), (runner.n,), generator=generator)
-    other = (classes + shift) % int(out.shape[1])
+    shift = torch.randint(1, runner.n_classes, (runner.n,), generator=generator)
+    other = (classes + shift) % runner.n_classes
     return similarity(attributions, explain(model, runner.x, other), similarity_measure).float()
 
 
@@ -262,10 +283,31 @@ class SanityCheck:
         fig.tight_layout()
         return fig
 
-    def to_png(self, measure: str = "spearman_abs") -> bytes:
-        buffer = io.BytesIO()
-        self.figure(measure).savefig(buffer, format="png", dpi=100)
-        return buffer.getvalue()
+    def final(self, measure: str = "spearman_abs") -> dict[str, float]:
+        """Each method's mean similarity after the last step (the fully randomised model)."""
+        return {m: float(self.mean(m, measure)[-1]) for m in self.scores}
+
+    def to_html(self, title: str = "Sanity check (Adebayo et al. 2018)") -> str:
+        """A self-contained HTML section: the figure (base64 PNG) and the final similarities."""
+        from lumos.viz.html import figure_html, table_html
+
+        rows = [
+            {"method": m, **{k: float(v[-1].mean()) for k, v in measures.items()}}
+            for m, measures in self.scores.items()
+        ]
+        errors = "".join(
+            f"<li>{html.escape(m)}: {html.escape(e)}</li>" for m, e in self.errors.items()
+        )
+        return (
+            f'<section class="lumos-sanity"><h3>{html.escape(title)}</h3>'
+            f"<p>Similarity of each method's maps with the trained model's as layers are "
+            f"randomised ({self.mode}, top to bottom). A method that explains the model falls "
+            f"towards 0; one that stays high ignores the weights.</p>"
+            f"{figure_html(self.figure(), 'sanity check')}"
+            f"<p>After randomising all {len(self.layers)} layers:</p>{table_html(rows)}"
+            + (f"<ul>{errors}</ul>" if errors else "")
+            + "</section>"
+        )
 
 
 MEASURES = ("spearman_abs", "spearman", "ssim")
@@ -296,22 +338,28 @@ def sanity_check(
     runner = ModelRunner(model, inputs, target)
     targets = runner.target_argument()
     order = list(layers) if layers is not None else parameter_layers(model, runner.x)[::-1]
-    steps = [order[: j + 1] if mode == "cascading" else [order[j]] for j in range(len(order))]
-    models = [randomise(model, chosen, seed) for chosen in steps]
     result = SanityCheck(layers=order, mode=mode)
     options = method_options or {}
     is_image = runner.x.dim() == 4
-    for method in methods:
-        explain = explainer_for(method, options.get(method))
+    explainers = {method: explainer_for(method, options.get(method)) for method in methods}
+    maps: dict[str, list[torch.Tensor]] = {}
+    for method, explain in explainers.items():
         try:
-            trained = explain(model, runner.x, targets)
-            maps = [trained] + [explain(m, runner.x, targets) for m in models]
+            maps[method] = [explain(model, runner.x, targets)]
         except LumosError as exc:
             result.errors[method] = str(exc)
-            continue
+    for randomised in randomised_models(model, order, mode, seed):
+        for method in list(maps):
+            try:
+                maps[method].append(explainers[method](randomised, runner.x, targets).detach())
+            except LumosError as exc:
+                result.errors[method] = str(exc)
+                del maps[method]
+    for method, steps in maps.items():
+        trained = steps[0]
         result.scores[method] = {
-            kind: torch.stack([similarity(trained, after, kind) for after in maps]).float()
+            kind: torch.stack([similarity(trained, after, kind) for after in steps]).float()
             for kind in MEASURES
-            if kind != "ssim" or (is_image and as_batch(trained, method).dim() == 4)
+            if kind != "ssim" or (is_image and trained.dim() == 4)
         }
     return result

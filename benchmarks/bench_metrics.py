@@ -1,0 +1,223 @@
+"""Trust metrics: lumos vs Quantus (and a per-instance reference loop) on a batch of images.
+
+Three workloads on the zoo's `shapes` model (64×64 RGB, a small residual CNN), saliency maps:
+  * pixel flipping / deletion: 32 removal steps per image (lumos `pixel_flipping`, Quantus
+    `PixelFlipping(features_in_step=…)`, and a straightforward per-image, per-step loop);
+  * max-sensitivity: 10 uniform perturbations in an L∞ ball of 0.02, each re-explained;
+  * model parameter randomisation: cascading, every layer, re-explained after each.
+Each is also divided by the bare forwards (or forward + backward passes) it needs, run as
+plain batched calls. Timings are interleaved in one process (median of `--repeats`).
+
+    PYTHONPATH=src python benchmarks/bench_metrics.py [--n 64] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import lumos
+import lumos.metrics as M
+from lumos.metrics.randomisation import parameter_layers
+
+RESULTS = Path(__file__).parent / "results"
+STEPS, SAMPLES, RADIUS = 32, 10, 0.02
+
+
+def timed(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bare_forwards(model, x: torch.Tensor, rows: int, batch_size: int) -> None:
+    """`rows` forward rows in batches, no metric logic."""
+    with torch.no_grad():
+        for start in range(0, rows, batch_size):
+            n = min(batch_size, rows - start)
+            model(x[torch.arange(start, start + n) % len(x)])
+
+
+def bare_gradients(model, x: torch.Tensor, rows: int, batch_size: int) -> None:
+    """`rows` forward + backward rows (what saliency needs), in batches."""
+    for start in range(0, rows, batch_size):
+        n = min(batch_size, rows - start)
+        xs = x[torch.arange(start, start + n) % len(x)].clone().requires_grad_(True)
+        torch.autograd.grad(model(xs)[:, 0].sum(), xs)
+
+
+def reference_pixel_flipping(model, x, maps, y) -> np.ndarray:
+    """A per-image, per-step loop: the shape of most reference implementations."""
+    curves = []
+    for i in range(len(x)):
+        order = maps[i].sum(0).flatten().argsort(descending=True)
+        row = []
+        for k in range(STEPS + 1):
+            xi = x[i].clone().view(x.shape[1], -1)
+            xi[:, order[: round(k / STEPS * order.numel())]] = 0.0
+            with torch.no_grad():
+                row.append(model(xi.view(1, *x.shape[1:]))[0, y[i]].item())
+        curves.append(row)
+    return np.asarray(curves)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    warnings.filterwarnings("ignore")
+    bundle = lumos.zoo.load("shapes")
+    model = bundle.model.eval()
+    x, y, _ = bundle.test_batch(args.n, seed=0)
+    saliency = lumos.explain(model, x, method="saliency", target=y).attributions
+    n_layers = len(parameter_layers(model, x))
+    pixels = x.shape[-1] * x.shape[-2]
+    batch = 256
+    try:
+        import quantus
+    except ImportError:
+        quantus = None
+
+    def quantus_explain(model, inputs, targets, **kwargs):
+        xs = torch.as_tensor(inputs).requires_grad_(True)
+        out = model(xs)[torch.arange(len(xs)), torch.as_tensor(targets)]
+        return torch.autograd.grad(out.sum(), xs)[0].abs().sum(1, keepdim=True).numpy()
+
+    # Quantus takes one relevance per pixel: (B, 1, H, W)
+    xn, yn, an = x.numpy(), y.numpy(), saliency.sum(1, keepdim=True).numpy()
+    workloads = {
+        "pixel_flipping": {
+            "lumos": lambda: M.pixel_flipping(
+                model, x, saliency, target=y, n_steps=STEPS, batch_size=batch
+            ),
+            "reference loop": lambda: reference_pixel_flipping(model, x, saliency, y),
+            "quantus": quantus
+            and (
+                lambda: quantus.PixelFlipping(
+                    features_in_step=pixels // STEPS,
+                    perturb_baseline="black",
+                    normalise=False,
+                    return_auc_per_sample=False,
+                    disable_warnings=True,
+                )(
+                    model=model,
+                    x_batch=xn,
+                    y_batch=yn,
+                    a_batch=an,
+                    device="cpu",
+                    softmax=False,
+                    batch_size=batch,
+                )
+            ),
+            "bare": lambda: bare_forwards(model, x, args.n * (STEPS + 1), batch),
+            "passes": f"{args.n * (STEPS + 1)} forward rows",
+        },
+        "max_sensitivity": {
+            "lumos": lambda: M.max_sensitivity(
+                model,
+                x,
+                "saliency",
+                target=y,
+                attributions=saliency,
+                n_samples=SAMPLES,
+                radius=RADIUS,
+                batch_size=batch,
+            ),
+            "quantus": quantus
+            and (
+                lambda: quantus.MaxSensitivity(
+                    nr_samples=SAMPLES,
+                    lower_bound=RADIUS,
+                    disable_warnings=True,
+                )(
+                    model=model,
+                    x_batch=xn,
+                    y_batch=yn,
+                    a_batch=an,
+                    device="cpu",
+                    explain_func=quantus_explain,
+                    batch_size=batch,
+                )
+            ),
+            "bare": lambda: bare_gradients(model, x, args.n * SAMPLES, batch),
+            "passes": f"{args.n * SAMPLES} forward+backward rows",
+        },
+        "model_randomisation": {
+            "lumos": lambda: M.sanity_check(model, x, y, methods=["saliency"]),
+            "quantus": quantus
+            and (
+                lambda: quantus.MPRT(disable_warnings=True, return_average_correlation=False)(
+                    model=model,
+                    x_batch=xn,
+                    y_batch=yn,
+                    a_batch=an,
+                    device="cpu",
+                    explain_func=quantus_explain,
+                    batch_size=batch,
+                )
+            ),
+            "bare": lambda: bare_gradients(model, x, args.n * (n_layers + 1), batch),
+            "passes": f"{args.n * (n_layers + 1)} forward+backward rows ({n_layers} layers)",
+        },
+    }
+    rows = []
+    for name, work in workloads.items():
+        contenders = {k: v for k, v in work.items() if k != "passes" and v}
+        seconds = {k: [] for k in contenders}
+        for _ in range(args.repeats):  # interleaved
+            for key, fn in contenders.items():
+                seconds[key].append(timed(fn, 1))
+        median = {k: statistics.median(v) for k, v in seconds.items()}
+        row = {"metric": name, "n_images": args.n, "passes": work["passes"]}
+        row.update({f"{k} s": round(v, 4) for k, v in median.items()})
+        row["lumos / bare"] = round(median["lumos"] / median["bare"], 2)
+        for peer in ("quantus", "reference loop"):
+            if peer in median:
+                row[f"{peer} / lumos"] = round(median[peer] / median["lumos"], 1)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    write(rows, args, quantus)
+
+
+def write(rows, args, quantus) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    meta = {
+        "device": "cpu, 2 threads",
+        "torch": torch.__version__,
+        "quantus": getattr(quantus, "__version__", None),
+        "model": "zoo shapes (SmallCNN, 64×64 RGB)",
+        "repeats": args.repeats,
+    }
+    (RESULTS / "metrics.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    columns = ["metric", "n_images", "passes", "lumos s", "bare s", "lumos / bare"]
+    columns += [
+        c
+        for c in ("quantus s", "quantus / lumos", "reference loop s", "reference loop / lumos")
+        if any(c in r for r in rows)
+    ]
+    lines = [
+        f"Trust metrics on {args.n} images ({meta['model']}, {meta['device']}, torch "
+        f"{meta['torch']}, Quantus {meta['quantus']}). `x / lumos` > 1: lumos is faster.",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in rows]
+    (RESULTS / "metrics.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
