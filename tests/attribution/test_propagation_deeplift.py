@@ -12,6 +12,8 @@ from torch import nn
 import lumos
 from lumos.core.errors import InputError
 
+pytestmark = pytest.mark.filterwarnings("ignore:.*:UserWarning")  # Captum's hook notices
+
 
 def deeplift(model, x, target, **options):
     return lumos.explain(model, x, method="deeplift", target=target, **options)
@@ -136,7 +138,7 @@ class Functional(nn.Module):
         super().__init__()
         self.conv1, self.conv2 = nn.Conv2d(3, 5, 3, padding=1), nn.Conv2d(5, 5, 3, padding=1)
         self.fc = nn.Linear(5, 3)
-        self.act = nn.ReLU()
+        self.act = nn.ReLU(inplace=True)
 
     def forward(self, x):
         h = F.max_pool2d(self.act(self.conv1(x)), 2)
@@ -166,3 +168,65 @@ def test_deeplift_of_functional_code_equals_deeplift_of_its_module_twin():
     a = deeplift(functional, x, 2, baselines=ref).attributions
     b = deeplift(twin, x, 2, baselines=ref).attributions
     assert torch.allclose(a, b, atol=1e-12)
+
+
+# -- RevealCancel --------------------------------------------------------------------------------
+
+
+def reveal_cancel_by_hand(first: nn.Linear, second: nn.Linear, x, ref, k):
+    """RevealCancel on ``w_k · relu(W x + b)`` (Shrikumar et al. 2017, §3.5.3)."""
+    w, b, v = first.weight.detach(), first.bias.detach(), second.weight[k].detach()
+    d = x - ref
+    dp, dn = d.clamp(min=0), d.clamp(max=0)
+    wp, wn = w.clamp(min=0), w.clamp(max=0)
+    z0 = w @ ref + b
+    zp, zn = wp @ dp + wn @ dn, wn @ dp + wp @ dn
+    f = torch.relu
+    yp = 0.5 * (f(z0 + zp) - f(z0)) + 0.5 * (f(z0 + zn + zp) - f(z0 + zn))
+    yn = 0.5 * (f(z0 + zn) - f(z0)) + 0.5 * (f(z0 + zp + zn) - f(z0 + zp))
+    mp, mn = v * yp / zp, v * yn / zn
+    return dp * (wp.T @ mp + wn.T @ mn) + dn * (wn.T @ mp + wp.T @ mn)
+
+
+def test_reveal_cancel_matches_its_definition_on_a_small_network():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)).double().eval()
+    x, ref = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    exp = deeplift(model, x, 2, baselines=ref, rule="reveal_cancel")
+    expected = torch.stack(
+        [reveal_cancel_by_hand(model[0], model[2], a, r, 2) for a, r in zip(x, ref)]
+    )
+    assert torch.allclose(exp.attributions, expected, atol=1e-10)
+    assert exp.delta.abs().max() < 1e-10
+
+
+def test_reveal_cancel_sums_to_delta_on_a_cnn_with_batchnorm_and_residual_add():
+    torch.manual_seed(5)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+            self.conv2, self.fc = nn.Conv2d(4, 4, 3, padding=1), nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = F.relu(self.bn(self.conv(x)))
+            h = torch.tanh(h - self.conv2(h))
+            return self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
+
+    model = Net().double().eval()
+    x, ref = (
+        torch.rand(2, 3, 8, 8, dtype=torch.float64),
+        torch.rand(2, 3, 8, 8, dtype=torch.float64),
+    )
+    exp = deeplift(model, x, 0, baselines=ref, rule="reveal_cancel")
+    assert exp.delta.abs().max() < 1e-10
+
+
+def test_reveal_cancel_refuses_max_pooling_and_unknown_rules_are_named():
+    from lumos.core.errors import UnknownNameError, UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="max pooling"):
+        deeplift(tiny_cnn(), torch.rand(1, 3, 16, 16), 0, rule="reveal_cancel")
+    with pytest.raises(UnknownNameError, match="reveal_cancel"):
+        deeplift(tiny_cnn(), torch.rand(1, 3, 16, 16), 0, rule="reveal_cancell")

@@ -53,7 +53,7 @@ class FunctionalNet(nn.Module):
         self.conv2 = nn.Conv2d(6, 6, 3, padding=1, bias=bias)
         self.conv3 = nn.Conv2d(6, 8, 3, padding=1, bias=bias)
         self.fc = nn.Linear(8 * 2 * 2, 5, bias=bias)
-        self.act = nn.ReLU()
+        self.act = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.max_pool2d(self.act(self.conv1(x)), 2)

@@ -5,7 +5,8 @@ steps (layers, BatchNorm, sums, average pooling, reshapes) keep their gradient, 
 for differences, and every nonlinearity's backward uses the multiplier ``Δy/Δx`` between the two
 halves instead of its derivative. Max pooling uses the DeepLIFT max-pool rule (as in Captum):
 the output difference is split between the positions that win for the input and for the
-baseline.
+baseline. The RevealCancel rule (`rule="reveal_cancel"`) runs ``[x'; Δ⁺; Δ⁻]`` instead and
+keeps positive and negative differences apart through every linear step.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from typing import Any
 import torch
 
 from lumos.attribution.baselines import background_set, resolve_baselines
-from lumos.attribution.propagation.graph import Graph, Step, Strategy
+from lumos.attribution.propagation.graph import Graph, Layer, Step, Strategy, weighted_sum
 from lumos.attribution.propagation.lrp import total
 from lumos.core.batching import chunks
-from lumos.core.errors import GradientError
+from lumos.core.errors import GradientError, UnsupportedModelError, unknown_name
 from lumos.core.explanation import Explanation
 from lumos.core.inputs import InputsLike
 from lumos.core.method import Attribution, Context, Method
@@ -89,7 +90,22 @@ def _vjp(fn: Callable, x: Tensor, grad: Tensor) -> Tensor:
 
 
 class RescaleStrategy(Strategy):
-    """DeepLIFT's Rescale rule: multipliers for nonlinearities, gradients for linear steps."""
+    """DeepLIFT's Rescale rule: multipliers for nonlinearities, gradients for linear steps.
+
+    Rows are ``[x; x']``; every row's output is a target (both halves carry the same
+    multipliers), and the attribution is ``(x − x') ⊙ m`` on the first half.
+    """
+
+    copies = 2
+
+    def rows(self, x: Tensor, ref: Tensor) -> Tensor:
+        return torch.cat([x, ref])
+
+    def seeded(self, values: Tensor, m: int) -> Tensor:
+        return values.sum()
+
+    def contributions(self, x: Tensor, ref: Tensor, grad: Tensor, m: int) -> Tensor:
+        return (x - ref) * grad[:m]
 
     def activation(self, step: Step, fn: Callable, x: Tensor) -> Tensor:
         return _Rescale.apply(x, fn) if x.requires_grad else fn(x)
@@ -98,21 +114,129 @@ class RescaleStrategy(Strategy):
         return _MaxPoolRescale.apply(x, fn) if x.requires_grad else fn(x)
 
 
+class _RevealCancel(torch.autograd.Function):
+    """Elementwise ``f`` on ``[x'; Δ⁺; Δ⁻]``: the output's reference value and its positive and
+    negative differences; backward multiplies by ``m⁺ = Δy⁺/Δx⁺`` and ``m⁻ = Δy⁻/Δx⁻``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, fn: Callable) -> Tensor:
+        with torch.no_grad():
+            ref, pos, neg = x.chunk(3)
+            y_ref, y_pos, y_neg, y_both = fn(ref), fn(ref + pos), fn(ref + neg), fn(ref + pos + neg)
+            d_pos = 0.5 * (y_pos - y_ref) + 0.5 * (y_both - y_neg)
+            d_neg = 0.5 * (y_neg - y_ref) + 0.5 * (y_both - y_pos)
+        ctx.fn = fn
+        ctx.save_for_backward(ref, pos, neg, d_pos, d_neg)
+        return torch.cat([y_ref, d_pos, d_neg])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        ref, pos, neg, d_pos, d_neg = ctx.saved_tensors
+        _, g_pos, g_neg = grad.chunk(3)
+        slope = _vjp(ctx.fn, ref, torch.ones_like(ref))
+        m_pos = torch.where(pos.abs() < EPS, slope, d_pos / torch.where(pos == 0, 1, pos))
+        m_neg = torch.where(neg.abs() < EPS, slope, d_neg / torch.where(neg == 0, 1, neg))
+        return torch.cat([torch.zeros_like(ref), g_pos * m_pos, g_neg * m_neg]), None
+
+
+def _mix(pos: Tensor, neg: Tensor, up: Callable, down: Callable) -> tuple[Tensor, Tensor]:
+    """Positive and negative parts through a linear map split into its positive (`up`) and
+    negative (`down`) parts: ``(up Δ⁺ + down Δ⁻, down Δ⁺ + up Δ⁻)``."""
+    return up(pos) + down(neg), down(pos) + up(neg)
+
+
+class RevealCancelStrategy(RescaleStrategy):
+    """DeepLIFT's RevealCancel rule: positive and negative differences travel separately.
+
+    Rows are ``[x'; Δ⁺; Δ⁻]`` with ``Δ⁺ = max(x − x', 0)``, ``Δ⁻ = min(x − x', 0)``; linear
+    steps send ``W⁺Δ⁺ + W⁻Δ⁻`` to the positive and ``W⁻Δ⁺ + W⁺Δ⁻`` to the negative part, and
+    the attribution is ``Δ⁺ ⊙ m⁺ + Δ⁻ ⊙ m⁻``.
+    """
+
+    copies = 3
+
+    def rows(self, x: Tensor, ref: Tensor) -> Tensor:
+        delta = x - ref
+        return torch.cat([ref, delta.clamp(min=0), delta.clamp(max=0)])
+
+    def seeded(self, values: Tensor, m: int) -> Tensor:
+        return values[m:].sum()
+
+    def contributions(self, x: Tensor, ref: Tensor, grad: Tensor, m: int) -> Tensor:
+        delta = x - ref
+        return delta.clamp(min=0) * grad[m : 2 * m] + delta.clamp(max=0) * grad[2 * m :]
+
+    def layer(self, step: Step, layer: Layer, x: Tensor) -> Tensor:
+        ref, pos, neg = x.chunk(3)
+        w = layer.weight
+
+        def part(sign: int) -> Callable:
+            weight = w.clamp(min=0) if sign > 0 else w.clamp(max=0)
+            return lambda t: layer.fn(t, weight, None)
+
+        return torch.cat([layer(ref), *_mix(pos, neg, part(1), part(-1))])
+
+    def affine(self, step: Step, fn: Callable, x: Tensor) -> Tensor:
+        ref, pos, neg = x.chunk(3)
+        with torch.no_grad():
+            slope = fn(torch.ones_like(ref)) - fn(torch.zeros_like(ref))
+        up, down = slope.clamp(min=0), slope.clamp(max=0)
+        return torch.cat([fn(ref), *_mix(pos, neg, lambda t: up * t, lambda t: down * t)])
+
+    def avg_pool(self, step: Step, fn: Callable, x: Tensor) -> Tensor:
+        return torch.cat([fn(t) for t in x.chunk(3)])
+
+    def sum(self, step: Step, terms: list[Tensor], signs: list[float]) -> Tensor:
+        parts = [t.chunk(3) for t in terms]
+        ref = weighted_sum([p[0] for p in parts], signs)
+        pos, neg = 0, 0
+        for (_, p, q), sign in zip(parts, signs):
+            up, down = max(sign, 0.0), min(sign, 0.0)
+            pos, neg = pos + up * p + down * q, neg + down * p + up * q
+        return torch.cat([ref, pos, neg])
+
+    def activation(self, step: Step, fn: Callable, x: Tensor) -> Tensor:
+        return _RevealCancel.apply(x, fn)
+
+    def max_pool(self, step: Step, fn: Callable, x: Tensor) -> Tensor:
+        raise UnsupportedModelError(
+            f"DeepLIFT's RevealCancel rule is not defined for max pooling ('{step.path}'); use "
+            "rule='rescale', which has the max-pool rule."
+        )
+
+
+RULES = {"rescale": RescaleStrategy, "reveal_cancel": RevealCancelStrategy}
+
+
 class _DeepLiftBase(Method):
+    """Shared options: `rule` (``rescale`` | ``reveal_cancel``) and `batch_size`."""
+
+    def __init__(
+        self, model: Callable, *, rule: str = "rescale", batch_size: int | None = None
+    ) -> None:
+        super().__init__(model, batch_size=batch_size)
+        if rule not in RULES:
+            raise unknown_name("DeepLIFT rule", rule, RULES)
+        self.rule = rule
+
+    def _config(self) -> dict[str, Any]:
+        return {**super()._config(), "rule": self.rule}
+
     def multipliers(
         self, ctx: Context, graph: Graph, pairs: tuple[Tensor, ...], refs: tuple[Tensor, ...],
         example: Tensor,
     ) -> tuple[Tensor, ...]:  # fmt: skip
-        """``(x − x') ⊙ m`` for each (input row, reference row) pair, in chunks."""
+        """Contributions ``(x − x') ⊙ m`` of each (input row, reference row) pair, in chunks."""
+        strategy = RULES[self.rule]()
         rows = int(pairs[0].shape[0])
         out = tuple(torch.empty_like(p) for p in pairs)
-        step = None if self.batch_size is None else max(self.batch_size // 2, 1)
-        strategy = RescaleStrategy()
+        step = None if self.batch_size is None else max(self.batch_size // strategy.copies, 1)
         for s in chunks(rows, step):
+            m = s.stop - s.start
             xs = tuple(
-                torch.cat([p[s], r[s]]).detach().requires_grad_(True) for p, r in zip(pairs, refs)
+                strategy.rows(p[s], r[s]).detach().requires_grad_(True) for p, r in zip(pairs, refs)
             )
-            index = torch.cat([example[s], example[s]])
+            index = example[s].repeat(strategy.copies)
             with torch.enable_grad():
                 output = output_tensor(graph.run(strategy, xs))
                 values = ctx.target.select(output, index)
@@ -121,10 +245,9 @@ class _DeepLiftBase(Method):
                         f"{self.name}: the model output does not depend on the inputs through "
                         "differentiable operations."
                     )
-                grads = torch.autograd.grad(values.sum(), xs, allow_unused=True)
-            m = s.stop - s.start
+                grads = torch.autograd.grad(strategy.seeded(values, m), xs, allow_unused=True)
             for full, g, p, r in zip(out, grads, pairs, refs):
-                full[s] = 0 if g is None else (p[s] - r[s]) * g[:m]
+                full[s] = 0 if g is None else strategy.contributions(p[s], r[s], g, m)
         return out
 
 
@@ -140,6 +263,9 @@ class DeepLift(_DeepLiftBase):
     error.
 
     Options:
+        rule: ``rescale`` or ``reveal_cancel`` (Shrikumar et al. 2017, §3.5.3: positive and
+            negative input differences propagate separately, each nonlinearity's multipliers
+            ``m± = Δy±/Δx±`` averaging the orders in which they apply; no max-pooling rule).
         baselines (call): None (zeros), a number, a tensor of one example's shape or the
             batch's, or a name (``zeros``, ``uniform``, ``blur``, ``mean``).
     """
@@ -169,6 +295,7 @@ class DeepLiftShap(_DeepLiftBase):
     ``Σ attr = f_c(x) − (1/K) Σ_k f_c(b_k)``; `delta` is the error.
 
     Options:
+        rule: ``rescale`` or ``reveal_cancel``, as for `deeplift`.
         baselines (call): the background set, K reference examples (required).
     """
 

@@ -415,7 +415,10 @@ def _call(node: fx.Node, root: nn.Module, args: tuple, kwargs: dict) -> Any:
     if "inplace" in kwargs:
         kwargs = {**kwargs, "inplace": False}
     if node.op == "call_module":
-        return _attr(root, node.target)(*args, **kwargs)
+        module = _attr(root, node.target)
+        if getattr(module, "inplace", False) and args and isinstance(args[0], Tensor):
+            args = (args[0].clone(), *args[1:])  # the input may be saved for the backward pass
+        return module(*args, **kwargs)
     if node.op == "call_method":
         name = node.target[:-1] if node.target.endswith("_") else node.target
         return getattr(args[0], name)(*args[1:], **kwargs)

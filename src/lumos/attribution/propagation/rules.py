@@ -30,7 +30,7 @@ def stabilize(z: Tensor | float, epsilon: float) -> Tensor | float:
     """``z + ε·sign(z)`` with sign(0) = +1: keeps every denominator at least ε away from zero."""
     if not isinstance(z, Tensor):
         return z + epsilon if z >= 0 else z - epsilon
-    return z + ((z == 0).to(z.dtype) + z.sign()) * epsilon
+    return torch.where(z >= 0, z + epsilon, z - epsilon)
 
 
 def _positive(t: Tensor) -> Tensor:
@@ -262,7 +262,7 @@ class _TimesInput(torch.autograd.Function):
     @staticmethod
     def forward(ctx, carrier: Tensor, value: Tensor) -> Tensor:
         ctx.save_for_backward(value)
-        return value.clone()
+        return value.view_as(value)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -277,7 +277,7 @@ class _Weigh(torch.autograd.Function):
     def forward(ctx, output: Tensor, weigh: Callable, live: tuple[int, ...], *outputs: Tensor):
         ctx.weigh, ctx.live = weigh, live
         ctx.save_for_backward(output, *outputs)
-        return output.clone()
+        return output.view_as(output)
 
     @staticmethod
     def backward(ctx, relevance: Tensor):
@@ -294,7 +294,7 @@ class _PassThrough(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, carrier: Tensor, value: Tensor) -> Tensor:
-        return value.clone()
+        return value.view_as(value)
 
     @staticmethod
     def backward(ctx, relevance: Tensor):
@@ -332,7 +332,9 @@ def propagate(
     if isinstance(rule, Pass):
         if len(xs) != 1:
             raise InputError("The Pass rule applies to elementwise operations of one input.")
-        return pass_through(xs[0], fn(*xs, weight, bias))
+        with torch.no_grad():
+            value = fn(*xs, weight, bias)
+        return pass_through(xs[0], value)
     if not any(x.requires_grad for x in xs):
         return fn(*xs, weight, bias)
     outputs: list[Tensor] = []
