@@ -8,7 +8,13 @@ import torch
 from models import tiny_cnn
 
 import lumos
-from lumos.core.errors import InputError, LumosError, TargetError, UnknownNameError
+from lumos.core.errors import (
+    InputError,
+    LumosError,
+    TargetError,
+    UnknownNameError,
+    UnsupportedModelError,
+)
 
 ALL = [info.name for info in lumos.methods()]
 FAST = {"n_steps": 4, "n_samples": 4, "n_masks": 8}
@@ -34,7 +40,17 @@ def snapshot(model: torch.nn.Module) -> dict:
         "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
         "modes": [m.training for m in model.modules()],
         "hooks": [
-            (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+            tuple(
+                len(getattr(m, name))
+                for name in (
+                    "_forward_hooks",
+                    "_forward_pre_hooks",
+                    "_backward_hooks",
+                    "_backward_pre_hooks",
+                    "_forward_hooks_with_kwargs",
+                    "_forward_pre_hooks_with_kwargs",
+                )
+            )
             for m in model.modules()
         ],
         "buffers": [b.clone() for b in model.buffers()],
@@ -73,21 +89,41 @@ def test_method_leaves_the_model_as_it_was(name, model):
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_method_restores_the_model_after_an_exception(name, model):
+@pytest.mark.parametrize("failing_call", [1, 2, 3])
+def test_method_restores_the_model_after_an_exception(name, failing_call, model):
     x = torch.rand(2, 3, 16, 16)
     calls = {"n": 0}
 
-    def fail_on_second_call(module, args, output):
+    def fail(module, args, output):
         calls["n"] += 1
-        if calls["n"] >= 2:
+        if calls["n"] == failing_call:
             raise RuntimeError("injected failure")
 
-    handle = model.fc.register_forward_hook(fail_on_second_call)
+    handle = model.fc.register_forward_hook(fail)
     before = snapshot(model)
-    with pytest.raises((RuntimeError, LumosError)):
-        lumos.explain(model, x, method=name, target=1, **options_for(name, x))
+    if failing_call == 1:  # the first model call is lumos's own: the error names the shapes
+        with pytest.raises(LumosError, match=r"\(2, 3, 16, 16\).*injected failure"):
+            lumos.explain(model, x, method=name, target=1, **options_for(name, x))
+    else:  # later calls may happen anywhere inside a method
+        try:
+            lumos.explain(model, x, method=name, target=1, **options_for(name, x))
+        except (LumosError, RuntimeError) as exc:
+            assert "injected failure" in str(exc)
     assert_unchanged(model, before)
     handle.remove()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_method_leaves_a_train_mode_model_as_it_was(name):
+    model = tiny_cnn().train()
+    x = torch.rand(2, 3, 16, 16)
+    before = snapshot(model)
+    with pytest.warns(UserWarning, match="train mode"):
+        try:
+            lumos.explain(model, x, method=name, target=1, **options_for(name, x))
+        except UnsupportedModelError as exc:  # methods with no rule for batch statistics
+            assert "eval()" in str(exc)
+    assert_unchanged(model, before)
 
 
 @pytest.mark.parametrize("name", ALL)

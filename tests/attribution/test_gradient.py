@@ -212,6 +212,35 @@ def test_guided_backprop_is_the_same_for_relu_modules_functional_and_inplace_rel
     assert not torch.allclose(maps[0], saliency.attributions)
 
 
+@pytest.mark.parametrize(
+    "gate, message",
+    [
+        (torch.nn.ReLU6(), "hardtanh"),
+        (torch.nn.GELU(), "gelu"),
+        (lambda h: torch.maximum(h, torch.zeros(())), "maximum"),
+        (lambda h: h.clamp(min=torch.zeros(())), "tensor bounds"),
+        (torch.jit.script(torch.nn.ReLU()), "TorchScript"),
+    ],
+)
+def test_guided_backprop_refuses_gates_it_has_no_rule_for(gate, message):
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.relu = (
+                torch.nn.Linear(3, 4),
+                torch.nn.Linear(4, 2),
+                torch.nn.ReLU(),
+            )
+            self.gate = gate if isinstance(gate, torch.nn.Module) else None
+
+        def forward(self, x):
+            h = self.relu(self.a(x))  # a real ReLU too: the refusal must not rely on counting
+            return self.b(self.gate(h) if self.gate is not None else gate(h))
+
+    with pytest.raises(lumos.core.errors.UnsupportedModelError, match=message):
+        lumos.explain(Net(), torch.rand(2, 3), method="guided_backprop", target=0)
+
+
 def test_guided_backprop_refuses_models_without_relu_or_with_other_activations():
     gelu = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.GELU(), torch.nn.Linear(4, 2))
     with pytest.raises(lumos.core.errors.UnsupportedModelError, match="gelu"):
@@ -282,3 +311,37 @@ def test_several_targets_in_one_run_equal_one_run_per_target(name):
         alone = lumos.explain(model, x, method=name, target=target, **options)
         torch.testing.assert_close(exp.attributions, alone.attributions, atol=1e-6, rtol=1e-5)
         assert torch.equal(exp.targets, alone.targets) and exp.inputs.shape == x.shape
+
+
+def test_several_targets_share_forward_passes():
+    model, x = tiny_cnn(), torch.rand(3, 3, 16, 16)
+    rows = []
+    handle = model.fc.register_forward_hook(lambda m, a, out: rows.append(out.shape[0]))
+    lumos.explain_targets(model, x, [0, 1, 2], method="integrated_gradients", n_steps=8)
+    shared = sum(rows)
+    rows.clear()
+    lumos.explain(model, x, method="integrated_gradients", n_steps=8, target=0)
+    handle.remove()
+    assert shared == sum(rows)  # inputs + interpolated rows + baselines, once for 3 targets
+
+
+def test_per_example_baselines_work_with_several_targets_and_inside_smoothgrad():
+    model, x, base = tiny_cnn(), torch.rand(3, 3, 16, 16), torch.rand(3, 3, 16, 16)
+    many = lumos.explain_targets(
+        model, x, [0, 1], method="integrated_gradients", n_steps=8, baselines=base
+    )
+    alone = lumos.explain(
+        model, x, method="integrated_gradients", n_steps=8, target=1, baselines=base
+    )
+    torch.testing.assert_close(many[1].attributions, alone.attributions)
+    smooth = lumos.explain(
+        model,
+        x,
+        method="smoothgrad",
+        base="integrated_gradients",
+        n_samples=2,
+        stdev=0.0,
+        base_options={"n_steps": 8, "baselines": base},
+        target=1,
+    )
+    torch.testing.assert_close(smooth.attributions, alone.attributions, atol=1e-6, rtol=1e-5)

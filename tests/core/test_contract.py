@@ -12,6 +12,7 @@ from lumos.core.errors import (
     GradientError,
     InputError,
     LumosError,
+    ModelCallError,
     TargetError,
     UnknownNameError,
 )
@@ -58,7 +59,7 @@ def test_bad_inputs_raise_input_errors(inputs, message):
 
 
 def test_wrong_input_shape_for_the_model_says_which_shape(model):
-    with pytest.raises(InputError, match=r"\(2, 5\)"):
+    with pytest.raises(ModelCallError, match=r"\(2, 5\)"):
         lumos.explain(model, torch.rand(2, 5), method="saliency", target=0)
 
 
@@ -213,3 +214,71 @@ def test_explaining_under_no_grad_still_works(model):
     with torch.no_grad():
         exp = lumos.explain(model, torch.rand(1, 3, 16, 16), method="saliency")
     assert exp.attributions.abs().sum() > 0
+
+
+def test_a_train_mode_model_gets_its_batchnorm_statistics_back_and_a_warning():
+    model = tiny_cnn().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.warns(UserWarning, match="train mode"):
+        lumos.explain(model, torch.rand(4, 3, 16, 16), method="integrated_gradients", n_steps=4)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert model.training
+
+
+@pytest.mark.parametrize(
+    "forward, message",
+    [
+        (lambda x: x.sum(1).sum(), "for a batch of 3"),
+        (lambda x: x.mean(0, keepdim=True), "for a batch of 3"),
+    ],
+)
+def test_models_that_reduce_over_the_batch_are_refused(forward, message):
+    with pytest.raises(TargetError, match=message):
+        lumos.explain(forward, torch.rand(3, 4), method="saliency", target=None)
+
+
+def test_a_single_baseline_tensor_for_tuple_inputs_is_refused():
+    inputs = (torch.rand(2, 4), torch.rand(2, 2))
+    with pytest.raises(BaselineError, match="one per input"):
+        lumos.explain(
+            TwoInputModel(),
+            inputs,
+            method="integrated_gradients",
+            target=0,
+            baselines=torch.zeros(2, 4),
+        )
+
+
+def test_nan_baselines_are_refused(model):
+    with pytest.raises(BaselineError, match="NaN"):
+        lumos.explain(
+            model,
+            torch.rand(1, 3, 16, 16),
+            method="integrated_gradients",
+            baselines=torch.full((3, 16, 16), float("nan")),
+        )
+
+
+def test_inference_mode_is_explained_not_obscure(model):
+    with torch.inference_mode(), pytest.raises(GradientError, match="inference_mode"):
+        lumos.explain(model, torch.rand(1, 3, 16, 16), method="saliency")
+
+
+def test_blur_baseline_on_a_one_pixel_high_image():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 1 * 8, 2))
+    exp = lumos.explain(
+        model, torch.rand(2, 3, 1, 8), method="integrated_gradients", baselines="blur", target=0
+    )
+    assert exp.delta.abs().max() < 1e-5
+
+
+def test_seeds_may_be_generators(model):
+    x = torch.rand(2, 3, 16, 16)
+    a = lumos.explain(
+        model, x, method="smoothgrad", n_samples=2, seed=torch.Generator().manual_seed(5)
+    ).attributions
+    b = lumos.explain(model, x, method="smoothgrad", n_samples=2, seed=5).attributions
+    assert torch.equal(a, b)
+    with pytest.raises(InputError, match="seed"):
+        lumos.explain(model, x, method="smoothgrad", seed="five")

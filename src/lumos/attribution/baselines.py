@@ -29,13 +29,26 @@ def resolve_baselines(
     seed: int | None = 0,
 ) -> tuple[torch.Tensor, ...]:
     """One baseline per input tensor, each of the input's full (batch) shape and dtype."""
-    if baselines is None or (isinstance(baselines, (int, float, str)) and len(xs) > 1):
-        per_input = [baselines] * len(xs)
-    elif isinstance(baselines, (int, float, str, torch.Tensor, np.ndarray)):
-        per_input = [baselines]
-    else:
-        per_input = list(structure.flatten(baselines, "baselines"))
-    return tuple(_one(b, x, i, structure, seed) for i, (b, x) in enumerate(zip(per_input, xs)))
+    per_input = _per_input(baselines, xs, structure, "baselines")
+    resolved = tuple(_one(b, x, i, structure, seed) for i, (b, x) in enumerate(zip(per_input, xs)))
+    for i, b in enumerate(resolved):
+        if b.is_floating_point() and not torch.isfinite(b).all():
+            raise BaselineError(f"baselines for input {i} contain NaN or inf values.")
+    return resolved
+
+
+def _per_input(value: Any, xs: Sequence[torch.Tensor], structure: Structure, what: str) -> list:
+    """One entry per input tensor: shared numbers/names, or the user's tuple/dict entries."""
+    if value is None or isinstance(value, (int, float, str)):
+        return [value] * len(xs)
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        if structure.kind != "tensor":
+            raise BaselineError(
+                f"The inputs are a {structure.kind} of {len(xs)} tensors, so {what} must be one "
+                f"per input in the same structure (a {structure.kind}), not a single tensor."
+            )
+        return [value]
+    return list(structure.flatten(value, what))
 
 
 def _one(b: Any, x: torch.Tensor, i: int, structure: Structure, seed: int | None) -> torch.Tensor:
@@ -99,16 +112,16 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     kernel = torch.exp(-(coords**2) / (2 * sigma**2))
     kernel = kernel / kernel.sum()
     channels = x.shape[1]
-    pad_h, pad_w = min(radius, x.shape[-2] - 1), min(radius, x.shape[-1] - 1)
-    out = F.pad(x, (pad_w, pad_w, pad_h, pad_h), mode="reflect") if pad_h and pad_w else x
-    kh = kernel[radius - pad_h : radius + pad_h + 1]
-    kw = kernel[radius - pad_w : radius + pad_w + 1]
-    out = F.conv2d(
-        out, (kh / kh.sum()).view(1, 1, -1, 1).repeat(channels, 1, 1, 1), groups=channels
-    )
-    out = F.conv2d(
-        out, (kw / kw.sum()).view(1, 1, 1, -1).repeat(channels, 1, 1, 1), groups=channels
-    )
+    out = x
+    for dim in (-2, -1):  # reflect padding needs pad < size, so shrink the kernel on small images
+        pad = min(radius, x.shape[dim] - 1)
+        if pad == 0:
+            continue
+        k = kernel[radius - pad : radius + pad + 1]
+        shape = (1, 1, -1, 1) if dim == -2 else (1, 1, 1, -1)
+        padding = (0, 0, pad, pad) if dim == -2 else (pad, pad, 0, 0)
+        weight = (k / k.sum()).view(shape).repeat(channels, 1, 1, 1)
+        out = F.conv2d(F.pad(out, padding, mode="reflect"), weight, groups=channels)
     return out
 
 
@@ -121,13 +134,14 @@ def background_set(
             f"{method} needs a background set: pass baselines=<tensor of K reference examples>, "
             "e.g. a few hundred training inputs."
         )
-    if isinstance(baselines, (torch.Tensor, np.ndarray)):
-        per_input = [baselines]
-    else:
-        per_input = list(structure.flatten(baselines, "baselines"))
+    per_input = _per_input(baselines, xs, structure, "baselines")
     result = []
     for i, (b, x) in enumerate(zip(per_input, xs)):
+        if not isinstance(b, (torch.Tensor, np.ndarray)):
+            raise BaselineError(f"The background set for input {i} must be a tensor of rows.")
         b = torch.as_tensor(b).to(device=x.device, dtype=x.dtype)
+        if not torch.isfinite(b).all():
+            raise BaselineError(f"The background set for input {i} contains NaN or inf values.")
         if b.shape == x.shape[1:]:
             b = b.unsqueeze(0)
         if b.shape[1:] != x.shape[1:]:

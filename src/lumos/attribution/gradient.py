@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -13,23 +13,38 @@ from lumos.core.errors import InputError, unknown_name
 from lumos.core.explanation import Explanation
 from lumos.core.inputs import InputsLike
 from lumos.core.method import Attribution, Context, Method, example_rows
+from lumos.core.randomness import SeedLike, check_seed, make_generator
 from lumos.core.registry import register
-from lumos.core.targets import TargetLike
+from lumos.core.targets import Target, TargetLike, output_tensor
 
 
 class GradientMethod(Method):
-    """Base of methods built on input gradients of the target."""
+    """Base of methods built on input gradients of the target.
+
+    Subclasses implement `attribute_targets(ctx, targets, ...)`, so several targets share every
+    forward pass (`explain_targets`); `attribute` is the one-target case.
+    """
+
+    def attribute(self, ctx: Context, **call_options: Any) -> Attribution:
+        return self.attribute_targets(ctx, [ctx.target], **call_options)[0]
 
     def gradients(self, ctx: Context) -> tuple[torch.Tensor, ...]:
         """d target / d inputs at the inputs themselves, batched by `batch_size`."""
-        grads = tuple(torch.empty_like(x) for x in ctx.inputs)
+        return self.gradients_multi(ctx, [ctx.target])[0]
+
+    def gradients_multi(
+        self, ctx: Context, targets: Sequence[Target]
+    ) -> list[tuple[torch.Tensor, ...]]:
+        """`gradients` for several targets, sharing each forward pass."""
+        grads = [tuple(torch.empty_like(x) for x in ctx.inputs) for _ in targets]
         index = torch.arange(ctx.n, device=ctx.device)
-        rows = self.input_gradients(
-            lambda s: [x[s] for x in ctx.inputs], ctx.n, index, ctx.target, ctx.structure
+        rows = self.input_gradients_multi(
+            lambda s: [x[s] for x in ctx.inputs], ctx.n, index, targets, ctx.structure
         )
-        for s, chunk, _ in rows:
-            for full, part in zip(grads, chunk):
-                full[s] = part
+        for s, per_target, _ in rows:
+            for full, part in zip(grads, per_target):
+                for f, p in zip(full, part):
+                    f[s] = p
         return grads
 
 
@@ -48,9 +63,11 @@ class Saliency(GradientMethod):
     def _config(self) -> dict[str, Any]:
         return {**super()._config(), "abs": self.abs}
 
-    def attribute(self, ctx: Context) -> Attribution:
-        grads = self.gradients(ctx)
-        return Attribution(tuple(g.abs() for g in grads) if self.abs else grads)
+    def attribute_targets(self, ctx: Context, targets: Sequence[Target]) -> list[Attribution]:
+        return [
+            Attribution(tuple(g.abs() for g in grads) if self.abs else grads)
+            for grads in self.gradients_multi(ctx, targets)
+        ]
 
 
 @register("input_x_gradient", family="gradient", needs={"gradients"})
@@ -61,8 +78,11 @@ class InputXGradient(GradientMethod):
     model with zero bias this sums to the output.
     """
 
-    def attribute(self, ctx: Context) -> Attribution:
-        return Attribution(tuple(x * g for x, g in zip(ctx.inputs, self.gradients(ctx))))
+    def attribute_targets(self, ctx: Context, targets: Sequence[Target]) -> list[Attribution]:
+        return [
+            Attribution(tuple(x * g for x, g in zip(ctx.inputs, grads)))
+            for grads in self.gradients_multi(ctx, targets)
+        ]
 
 
 INTEGRATION = (
@@ -134,14 +154,10 @@ class IntegratedGradients(GradientMethod):
     ) -> Explanation:
         return self._run(inputs, target, baselines=baselines)
 
-    def attribute(self, ctx: Context, baselines: Any = None) -> Attribution:
+    def attribute_targets(
+        self, ctx: Context, targets: Sequence[Target], baselines: Any = None
+    ) -> list[Attribution]:
         bases = resolve_baselines(baselines, ctx.inputs, ctx.structure)
-        attributions = self.path_integral(ctx, bases)
-        return Attribution(attributions, delta=self.completeness(ctx, bases, attributions))
-
-    def path_integral(
-        self, ctx: Context, bases: tuple[torch.Tensor, ...]
-    ) -> tuple[torch.Tensor, ...]:
         n, device = ctx.n, ctx.device
         diffs = tuple(x - b for x, b in zip(ctx.inputs, bases))
         alphas = torch.as_tensor(self.points, device=device)
@@ -153,23 +169,24 @@ class IntegratedGradients(GradientMethod):
             e = example[s]
             return [b[e] + _col(alphas[step], d) * d[e] for b, d in zip(bases, diffs)]
 
-        totals = tuple(torch.zeros_like(x) for x in ctx.inputs)
-        rows = self.input_gradients(make_rows, n * self.n_steps, example, ctx.target, ctx.structure)
-        for s, grads, _ in rows:
-            step = torch.arange(s.start, s.stop, device=device) // n
-            for total, g in zip(totals, grads):
-                total.index_add_(0, example[s], g * _col(weights[step], g).to(g.dtype))
-        return tuple(d * t for d, t in zip(diffs, totals))
-
-    def completeness(
-        self, ctx: Context, bases: tuple[torch.Tensor, ...], attributions: tuple[torch.Tensor, ...]
-    ) -> torch.Tensor:
-        """``Σ attr − (f(x) − f(baseline))`` per example."""
-        index = torch.arange(ctx.n, device=ctx.device)
-        f_x = ctx.target_values()
-        f_base = ctx.target.select(self.forward(bases, ctx.structure), index)
-        total = sum(a.flatten(1).sum(1) for a in attributions)
-        return total - (f_x - f_base).to(total.dtype)
+        totals = [tuple(torch.zeros_like(x) for x in ctx.inputs) for _ in targets]
+        rows = self.input_gradients_multi(
+            make_rows, n * self.n_steps, example, targets, ctx.structure
+        )
+        for s, per_target, _ in rows:
+            w = weights[torch.arange(s.start, s.stop, device=device) // n]
+            for total, grads in zip(totals, per_target):
+                for t, g in zip(total, grads):
+                    t.index_add_(0, example[s], g * _col(w, g))
+        base_outputs = self.forward(bases, ctx.structure)
+        results = []
+        for target, total in zip(targets, totals):
+            attributions = tuple(d * t for d, t in zip(diffs, total))
+            index = torch.arange(n, device=device)
+            gap = target.select(ctx.outputs, index) - target.select(base_outputs, index)
+            summed = sum(a.flatten(1).sum(1) for a in attributions)
+            results.append(Attribution(attributions, delta=summed - gap.to(summed.dtype)))
+        return results
 
 
 @register("expected_gradients", family="gradient", needs={"gradients", "baselines"})
@@ -193,13 +210,13 @@ class ExpectedGradients(GradientMethod):
         model: Callable,
         *,
         n_samples: int = 64,
-        seed: int = 0,
+        seed: SeedLike = 0,
         batch_size: int | None = None,
     ) -> None:
         super().__init__(model, batch_size=batch_size)
         if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
             raise InputError(f"n_samples must be a positive int, got {n_samples!r}.")
-        self.n_samples, self.seed = n_samples, seed
+        self.n_samples, self.seed = n_samples, check_seed(seed)
 
     def _config(self) -> dict[str, Any]:
         return {**super()._config(), "n_samples": self.n_samples, "seed": self.seed}
@@ -209,10 +226,12 @@ class ExpectedGradients(GradientMethod):
     ) -> Explanation:
         return self._run(inputs, target, baselines=baselines)
 
-    def attribute(self, ctx: Context, baselines: Any = None) -> Attribution:
+    def attribute_targets(
+        self, ctx: Context, targets: Sequence[Target], baselines: Any = None
+    ) -> list[Attribution]:
         background = background_set(baselines, ctx.inputs, ctx.structure, self.name)
         n, device, k = ctx.n, ctx.device, int(background[0].shape[0])
-        generator = torch.Generator(device="cpu").manual_seed(self.seed)
+        generator = make_generator(self.seed)
         refs = torch.randint(k, (n * self.n_samples,), generator=generator).to(device)
         alphas = torch.rand(n * self.n_samples, generator=generator, dtype=torch.float64)
         alphas = alphas.to(device)
@@ -221,30 +240,36 @@ class ExpectedGradients(GradientMethod):
         def make_rows(s: slice) -> list[torch.Tensor]:
             e, r = example[s], refs[s]
             return [
-                bg[r] + _col(alphas[s], x).to(x.dtype) * (x[e] - bg[r])
-                for x, bg in zip(ctx.inputs, background)
+                bg[r] + _col(alphas[s], x) * (x[e] - bg[r]) for x, bg in zip(ctx.inputs, background)
             ]
 
-        totals = tuple(torch.zeros_like(x) for x in ctx.inputs)
-        rows = self.input_gradients(
-            make_rows, n * self.n_samples, example, ctx.target, ctx.structure
+        totals = [tuple(torch.zeros_like(x) for x in ctx.inputs) for _ in targets]
+        rows = self.input_gradients_multi(
+            make_rows, n * self.n_samples, example, targets, ctx.structure
         )
-        for s, grads, _ in rows:
+        for s, per_target, _ in rows:
             e, r = example[s], refs[s]
-            for total, g, x, bg in zip(totals, grads, ctx.inputs, background):
-                total.index_add_(0, e, (x[e] - bg[r]) * g)
-        attributions = tuple(t / self.n_samples for t in totals)
-        f_x = ctx.target_values()
+            for total, grads in zip(totals, per_target):
+                for t, g, x, bg in zip(total, grads, ctx.inputs, background):
+                    t.index_add_(0, e, (x[e] - bg[r]) * g)
+        # E_D f(x') per example: every (example, reference) pair, one target read each
         bg_outputs = self.forward(background, ctx.structure)
-        f_bg = torch.stack(
-            [
-                ctx.target.select(bg_outputs, torch.full((k,), i, device=device)).mean()
-                for i in range(n)
-            ]
-        )
-        total = sum(a.flatten(1).sum(1) for a in attributions)
-        delta = total - (f_x - f_bg).to(total.dtype)
-        return Attribution(attributions, delta=delta)
+        pairs_example = torch.arange(n, device=device).repeat_interleave(k)
+        pairs_ref = torch.arange(k, device=device).repeat(n)
+        results = []
+        for target, total in zip(targets, totals):
+            attributions = tuple(t / self.n_samples for t in total)
+            f_bg = _take_rows(bg_outputs, pairs_ref)
+            expected = target.select(f_bg, pairs_example).view(n, k).mean(1)
+            summed = sum(a.flatten(1).sum(1) for a in attributions)
+            gap = target.select(ctx.outputs, torch.arange(n, device=device)) - expected
+            results.append(Attribution(attributions, delta=summed - gap.to(summed.dtype)))
+        return results
+
+
+def _take_rows(outputs: Any, rows: torch.Tensor) -> Any:
+    """Rows of a model output (a tensor, or the `logits` of a structured output)."""
+    return output_tensor(outputs)[rows]
 
 
 def _col(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

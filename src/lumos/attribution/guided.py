@@ -23,6 +23,7 @@ from lumos.core.inputs import Structure
 from lumos.core.method import Attribution, Context
 from lumos.core.model import is_scripted, unwrap_compiled
 from lumos.core.registry import register
+from lumos.core.targets import Target
 
 
 class _GuidedReLU(torch.autograd.Function):
@@ -69,6 +70,12 @@ _NO_RULE = {
     F.relu6: "relu6",
     F.prelu: "prelu",
     F.rrelu: "rrelu",
+    F.hardtanh: "hardtanh (ReLU6)",
+    F.threshold: "threshold",
+    F.hardsigmoid: "hardsigmoid",
+    torch.maximum: "torch.maximum",
+    torch.fmax: "torch.fmax",
+    torch.Tensor.maximum: "Tensor.maximum",
 }
 
 
@@ -81,11 +88,12 @@ class _ReLUOverride(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _NO_RULE:
+        name = _NO_RULE.get(func) or _unsupported_gate(func, args, kwargs)
+        if name:
             raise UnsupportedModelError(
                 f"{self.method} defines its backward rule for ReLU only, but the model calls "
-                f"{_NO_RULE[func]}. Use 'saliency', 'integrated_gradients' or 'smoothgrad', "
-                "which are defined for any activation."
+                f"{name}. Use 'saliency', 'integrated_gradients' or 'smoothgrad', which are "
+                "defined for any activation, or write the gate as torch.relu."
             )
         inplace = func in _RELU_INPLACE or (func is F.relu and _arg(args, kwargs, 1, "inplace"))
         if func in _RELU or func in _RELU_INPLACE or _is_relu_clamp(func, args, kwargs):
@@ -106,6 +114,21 @@ def _arg(args: Sequence, kwargs: dict, position: int, name: str, default: Any = 
     return args[position] if len(args) > position else default
 
 
+def _unsupported_gate(func, args: Sequence, kwargs: dict) -> str | None:
+    """Element-wise max/clamp against tensors: gates this method has no rule for."""
+    if (
+        func in (torch.max, torch.Tensor.max)
+        and len(args) > 1
+        and isinstance(args[1], torch.Tensor)
+    ):
+        return "torch.max(a, b)"
+    if func in _CLAMP or func in _CLAMP_INPLACE:
+        bounds = (_arg(args, kwargs, 1, "min", None), _arg(args, kwargs, 2, "max", None))
+        if any(isinstance(b, torch.Tensor) for b in bounds):
+            return "clamp with tensor bounds"
+    return None
+
+
 def _is_relu_clamp(func, args: Sequence, kwargs: dict) -> bool:
     """`clamp(min=0)` with no upper bound is a ReLU written another way."""
     if func not in _CLAMP and func not in _CLAMP_INPLACE:
@@ -119,9 +142,11 @@ class _ModifiedReLUMethod(GradientMethod):
     rule: type[torch.autograd.Function]
 
     def call(self, xs: Sequence[torch.Tensor], structure: Structure) -> Any:
-        if is_scripted(self.model):
+        modules = self.model.modules() if isinstance(self.model, torch.nn.Module) else []
+        if is_scripted(self.model) or any(is_scripted(m) for m in modules):
             raise UnsupportedModelError(
-                f"{self.name} cannot see inside a TorchScript model; pass the eager nn.Module."
+                f"{self.name} cannot see inside TorchScript (the model or one of its "
+                "submodules is scripted); pass the eager nn.Module."
             )
         model, self.model = self.model, unwrap_compiled(self.model)
         mode = _ReLUOverride(self.rule, self.name)
@@ -138,8 +163,8 @@ class _ModifiedReLUMethod(GradientMethod):
             )
         return output
 
-    def attribute(self, ctx: Context) -> Attribution:
-        return Attribution(self.gradients(ctx))
+    def attribute_targets(self, ctx: Context, targets: Sequence[Target]) -> list[Attribution]:
+        return [Attribution(grads) for grads in self.gradients_multi(ctx, targets)]
 
 
 @register("guided_backprop", family="gradient", needs={"gradients"})

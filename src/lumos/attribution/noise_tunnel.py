@@ -6,7 +6,7 @@ batching (`batch_size`) bounds memory and the model sees full batches.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -15,6 +15,7 @@ from lumos.core.errors import InputError, UnsupportedModelError, unknown_name
 from lumos.core.explanation import Explanation
 from lumos.core.inputs import InputsLike
 from lumos.core.method import Attribution, Context, Method, example_rows
+from lumos.core.randomness import SeedLike, check_seed, make_generator
 from lumos.core.registry import get_method, method_options, register
 from lumos.core.targets import TargetLike
 
@@ -41,7 +42,7 @@ class NoiseTunnel(Method):
         base: str = "saliency",
         n_samples: int = 32,
         stdev: float | None = None,
-        seed: int = 0,
+        seed: SeedLike = 0,
         base_options: Mapping[str, Any] | None = None,
         batch_size: int | None = None,
     ) -> None:
@@ -69,7 +70,8 @@ class NoiseTunnel(Method):
         self.base = cls(model, **init)
         self.base_call = {k: v for k, v in base_options.items() if k in call_names}
         self.needs = cls.needs
-        self.base_name, self.n_samples, self.stdev, self.seed = base, n_samples, stdev, seed
+        self.base_name, self.n_samples, self.stdev = base, n_samples, stdev
+        self.seed = check_seed(seed)
         self.base_options = base_options
 
     def _config(self) -> dict[str, Any]:
@@ -85,34 +87,71 @@ class NoiseTunnel(Method):
     def explain(self, inputs: InputsLike, target: TargetLike = "predicted") -> Explanation:
         return self._run(inputs, target)
 
-    def explain_targets(
-        self, inputs: InputsLike, targets: Sequence[TargetLike], **call_options: Any
-    ) -> list[Explanation]:
-        # the noise is drawn per call for the batch it sees, so targets run one by one to give
-        # exactly what `explain(inputs, target)` gives
-        return [self.explain(inputs, t, **call_options) for t in targets]
-
     def attribute(self, ctx: Context) -> Attribution:
-        generator = torch.Generator(device="cpu").manual_seed(self.seed)
-        example = example_rows(ctx.n, self.n_samples, ctx.device)
-        noisy = []
-        for x in ctx.inputs:
-            if self.stdev is None:
-                flat = x.flatten(1)
-                scale = 0.15 * (flat.max(1).values - flat.min(1).values)
-                scale = scale.view((-1,) + (1,) * (x.dim() - 1))[example]
-            else:
-                scale = torch.tensor(float(self.stdev), dtype=x.dtype, device=x.device)
-            noise = torch.randn((len(example), *x.shape[1:]), generator=generator, dtype=x.dtype)
-            noisy.append(x[example] + scale * noise.to(x.device))
-        noisy_ctx = Context(self.base, tuple(noisy), ctx.structure, ctx.target.expand(example))
-        maps = self.base.attribute(noisy_ctx, **self.base_call).attributions
-        shaped = [m.reshape(self.n_samples, ctx.n, *m.shape[1:]) for m in maps]
-        return Attribution(tuple(self.reduce(m) for m in shaped))
+        # Noise is drawn sample by sample in a fixed order, and samples are attributed in groups
+        # of about `batch_size` rows, so memory stays bounded and results do not depend on it.
+        generator = make_generator(self.seed)
+        group = self.n_samples if self.batch_size is None else max(1, self.batch_size // ctx.n)
+        scales = [self._scale(x) for x in ctx.inputs]
+        total = total_sq = None
+        for start in range(0, self.n_samples, group):
+            k = min(group, self.n_samples - start)
+            draws = [
+                [torch.randn(x.shape, generator=generator, dtype=x.dtype) for x in ctx.inputs]
+                for _ in range(k)
+            ]
+            example = example_rows(ctx.n, k, ctx.device)
+            noisy = tuple(
+                x[example]
+                + (scale if scale.dim() == 0 else scale[example])
+                * torch.cat([d[i] for d in draws]).to(x.device)
+                for i, (x, scale) in enumerate(zip(ctx.inputs, scales))
+            )
+            noisy_ctx = Context(self.base, noisy, ctx.structure, ctx.target.expand(example))
+            call = self._per_row_options(ctx, example)
+            maps = self.base.attribute(noisy_ctx, **call).attributions
+            shaped = [m.reshape(k, ctx.n, *m.shape[1:]) for m in maps]
+            sums = [m.sum(0) for m in shaped]
+            squares = [(m * m).sum(0) for m in shaped]
+            total = sums if total is None else [t + m for t, m in zip(total, sums)]
+            total_sq = squares if total_sq is None else [t + m for t, m in zip(total_sq, squares)]
+        return Attribution(
+            tuple(
+                self.reduce(t / self.n_samples, q / self.n_samples) for t, q in zip(total, total_sq)
+            )
+        )
 
-    def reduce(self, maps: torch.Tensor) -> torch.Tensor:
-        """Combine the (n_samples, batch, ...) noisy maps into one map per example."""
-        return maps.mean(0)
+    def _scale(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stdev is not None:
+            return torch.tensor(float(self.stdev), dtype=x.dtype, device=x.device)
+        flat = x.flatten(1)
+        scale = 0.15 * (flat.max(1).values - flat.min(1).values)
+        return scale.view((-1,) + (1,) * (x.dim() - 1))
+
+    def _per_row_options(self, ctx: Context, example: torch.Tensor) -> dict[str, Any]:
+        """Per-example baselines of the base method, repeated for the noisy copies."""
+        call = dict(self.base_call)
+        baselines = call.get("baselines")
+        if baselines is None or "baselines" in self.base.needs:  # background sets stay whole
+            return call
+        structure = ctx.structure
+        if isinstance(baselines, torch.Tensor) and structure.kind != "tensor":
+            return call  # resolve_baselines reports the structure mismatch
+        if isinstance(baselines, (int, float, str)):
+            return call
+        entries = structure.flatten(baselines, "baselines")
+        expanded = [
+            b[example.to(b.device)]
+            if isinstance(b, torch.Tensor) and b.shape == x.shape and ctx.n > 1
+            else b
+            for b, x in zip(entries, ctx.inputs)
+        ]
+        call["baselines"] = structure.restore(expanded)
+        return call
+
+    def reduce(self, mean: torch.Tensor, mean_square: torch.Tensor) -> torch.Tensor:
+        """One map per example from the first two moments of the noisy maps."""
+        return mean
 
 
 @register("smoothgrad", family="gradient", needs={"gradients"})
@@ -131,7 +170,7 @@ class SmoothGrad(NoiseTunnel):
         base: str = "saliency",
         n_samples: int = 32,
         stdev: float | None = None,
-        seed: int = 0,
+        seed: SeedLike = 0,
         squared: bool = False,
         base_options: Mapping[str, Any] | None = None,
         batch_size: int | None = None,
@@ -150,8 +189,8 @@ class SmoothGrad(NoiseTunnel):
     def _config(self) -> dict[str, Any]:
         return {**super()._config(), "squared": self.squared}
 
-    def reduce(self, maps: torch.Tensor) -> torch.Tensor:
-        return (maps**2).mean(0) if self.squared else maps.mean(0)
+    def reduce(self, mean: torch.Tensor, mean_square: torch.Tensor) -> torch.Tensor:
+        return mean_square if self.squared else mean
 
 
 @register("vargrad", family="gradient", needs={"gradients"})
@@ -162,5 +201,5 @@ class VarGrad(NoiseTunnel):
     Sensitivity to Parameter Values". ``attr = 1/n Σ_k A(x + ε_k)² − (1/n Σ_k A(x + ε_k))²``.
     """
 
-    def reduce(self, maps: torch.Tensor) -> torch.Tensor:
-        return maps.var(0, unbiased=False)
+    def reduce(self, mean: torch.Tensor, mean_square: torch.Tensor) -> torch.Tensor:
+        return (mean_square - mean * mean).clamp_min(0)

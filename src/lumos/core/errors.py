@@ -31,6 +31,14 @@ class UnsupportedModelError(LumosError, RuntimeError):
     """A construct in the model that a method cannot handle correctly."""
 
 
+class ModelCallError(LumosError, RuntimeError):
+    """The model raised an exception while lumos called it."""
+
+
+class OutOfMemory(LumosError, MemoryError):
+    """A pass did not fit in memory; a smaller `batch_size` bounds it."""
+
+
 class ModelLoadError(LumosError, RuntimeError):
     """A model could not be loaded (or loading it would be unsafe)."""
 

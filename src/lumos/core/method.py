@@ -17,7 +17,13 @@ import torch
 
 from lumos.core.batching import check_batch_size as _check_batch_size
 from lumos.core.batching import chunks
-from lumos.core.errors import GradientError, InputError, LumosError
+from lumos.core.errors import (
+    GradientError,
+    InputError,
+    LumosError,
+    ModelCallError,
+    OutOfMemory,
+)
 from lumos.core.explanation import Explanation
 from lumos.core.inputs import InputsLike, Structure, call_model, flatten_inputs, require_float
 from lumos.core.model import check_model, model_device, preserved
@@ -90,30 +96,29 @@ class Method:
     def explain_targets(
         self, inputs: InputsLike, targets: Sequence[TargetLike], **call_options: Any
     ) -> list[Explanation]:
-        """Explain several targets for the same inputs in one batched run.
+        """Explain several targets for the same inputs, sharing the work that can be shared.
 
-        Every (target, example) pair becomes a row of one call, so the model sees full batches
-        (bounded by `batch_size`) instead of one pass per target. Returns one Explanation per
-        target, each as `explain(inputs, target)` would give it.
+        Returns one Explanation per target, each equal to `explain(inputs, target)`. All methods
+        share the forward pass on the inputs; gradient methods also share every forward pass on
+        generated rows (one forward, one backward per target).
         """
-        xs, structure = flatten_inputs(inputs)
-        n, k = int(xs[0].shape[0]), len(targets)
-        if k == 0:
+        if len(targets) == 0:
             raise InputError("targets is empty; pass at least one target.")
-        device = model_device(self.model, xs[0].device)
-        with preserved(self.model):
-            outputs = self.forward(tuple(x.detach().to(device) for x in xs), structure)
-        resolved = [resolve_target(t, outputs, n) for t in targets]
-        if any(r.is_callable for r in resolved) or any(r.indices is None for r in resolved):
-            return [self.explain(inputs, t, **call_options) for t in targets]
-        stacked = torch.cat([r.indices for r in resolved])
-        repeated = structure.restore([x.repeat(k, *([1] * (x.dim() - 1))) for x in xs])
-        joint = self.explain(repeated, stacked, **call_options)
-        return [joint.select(slice(i * n, (i + 1) * n), xs) for i in range(k)]
+        return self._run_many(inputs, list(targets), call_options)
 
     def attribute(self, ctx: Context, **call_options: Any) -> Attribution:
         """The method itself: attributions for the examples in `ctx` (subclasses implement)."""
         raise NotImplementedError
+
+    def attribute_targets(
+        self, ctx: Context, targets: Sequence[Target], **call_options: Any
+    ) -> list[Attribution]:
+        """`attribute` for several targets; overridden where more work can be shared."""
+        results = []
+        for target in targets:
+            ctx.target = target
+            results.append(self.attribute(ctx, **call_options))
+        return results
 
     def _config(self) -> dict[str, Any]:
         """The constructor options recorded in the Explanation (overridden to add more)."""
@@ -122,45 +127,54 @@ class Method:
     # -- the pipeline ----------------------------------------------------------------------
     def _run(self, inputs: InputsLike, target: TargetLike, **call_options: Any) -> Explanation:
         """Normalize, guard, resolve the target, call `attribute`, and wrap the result."""
+        return self._run_many(inputs, [target], call_options)[0]
+
+    def _run_many(
+        self, inputs: InputsLike, targets: list[TargetLike], call_options: dict[str, Any]
+    ) -> list[Explanation]:
         start = time.perf_counter()
         xs, structure = flatten_inputs(inputs)
         if "gradients" in self.needs:
             require_float(xs, structure, self.name)
+        if torch.is_inference_mode_enabled():
+            raise GradientError(
+                "lumos was called under torch.inference_mode(), whose tensors cannot take part "
+                "in autograd; call it outside that block (torch.no_grad() is fine)."
+            )
+        n = int(xs[0].shape[0])
         device = model_device(self.model, xs[0].device)
         xs_model = tuple(x.detach().to(device) for x in xs)
         with preserved(self.model):
             outputs = self.forward(xs_model, structure)
-            resolved = resolve_target(target, outputs, int(xs[0].shape[0]))
+            resolved = [resolve_target(t, outputs, n) for t in targets]
             ready = time.perf_counter()
-            result = self.attribute(
-                Context(self, xs_model, structure, resolved, outputs), **call_options
-            )
-        attributions = result.attributions
-        if result.structure is None:
-            attributions = tuple(
-                a.detach().to(device=x.device, dtype=x.dtype if x.is_floating_point() else None)
-                for a, x in zip(attributions, xs)
-            )
-        else:
-            attributions = tuple(a.detach().to(xs[0].device) for a in attributions)
+            ctx = Context(self, xs_model, structure, resolved[0], outputs)
+            if len(resolved) == 1:
+                results = [self.attribute(ctx, **call_options)]
+            else:
+                results = self.attribute_targets(ctx, resolved, **call_options)
         end = time.perf_counter()
         try:
             out_tensor = output_tensor(outputs).detach()
         except LumosError:
             out_tensor = None
-        return Explanation(
-            attributions_flat=attributions,
-            inputs_flat=tuple(x.detach() for x in xs),
-            structure=structure,
-            attribution_structure=result.structure,
-            method=self.name,
-            options={**self._config(), **call_options},
-            targets=resolved.for_examples(len(xs[0])),
-            outputs=out_tensor,
-            delta=None if result.delta is None else result.delta.detach().cpu(),
-            timing={"forward": ready - start, "attribution": end - ready, "total": end - start},
-            extras=result.extras,
-        )
+        timing = {"forward": ready - start, "attribution": end - ready, "total": end - start}
+        return [
+            Explanation(
+                attributions_flat=_to_inputs(result, xs),
+                inputs_flat=tuple(x.detach() for x in xs),
+                structure=structure,
+                attribution_structure=result.structure,
+                method=self.name,
+                options={**self._config(), **call_options},
+                targets=target.for_examples(n),
+                outputs=out_tensor,
+                delta=None if result.delta is None else result.delta.detach().cpu(),
+                timing=dict(timing),
+                extras=result.extras,
+            )
+            for result, target in zip(results, resolved)
+        ]
 
     def forward(
         self, xs: Sequence[torch.Tensor], structure: Structure, *, grad: bool = False
@@ -178,11 +192,17 @@ class Method:
             return call_model(self.model, xs, structure)
         except LumosError:
             raise
+        except torch.OutOfMemoryError as exc:
+            raise OutOfMemory(
+                f"{self.name} ran out of memory in a pass of {int(xs[0].shape[0])} rows; pass a "
+                "smaller batch_size (it bounds the rows of every forward/backward)."
+            ) from exc
         except (RuntimeError, ValueError, TypeError, IndexError) as exc:
             shapes = ", ".join(f"{tuple(x.shape)} {x.dtype}" for x in xs)
-            raise InputError(
-                f"The model failed on inputs of shape {shapes}: {exc}. Check that the inputs "
-                "are batch-first with the shape and dtype the model expects."
+            raise ModelCallError(
+                f"The model raised {type(exc).__name__} on inputs of shape {shapes}: {exc}. "
+                "If these are not the shapes and dtypes the model expects, fix the inputs "
+                "(batch first)."
             ) from exc
 
     def input_gradients(
@@ -199,26 +219,58 @@ class Method:
         belongs to example `example_index[r]`. Yields `(slice, gradients, target values)`.
         Rows are independent, so the sum of the per-row targets has the per-row gradients.
         """
+        for s, grads, values in self.input_gradients_multi(
+            make_rows, n_rows, example_index, [target], structure
+        ):
+            yield s, grads[0], values[0]
+
+    def input_gradients_multi(
+        self,
+        make_rows: Callable[[slice], Sequence[torch.Tensor]],
+        n_rows: int,
+        example_index: torch.Tensor,
+        targets: Sequence[Target],
+        structure: Structure,
+    ) -> Iterator[tuple[slice, list[tuple[torch.Tensor, ...]], list[torch.Tensor]]]:
+        """`input_gradients` for several targets: one forward per chunk, one backward per
+        target. Yields `(slice, [gradients per target], [target values per target])`."""
         for s in chunks(n_rows, self.batch_size):
             rows = tuple(r.detach().requires_grad_(True) for r in make_rows(s))
+            grads_per_target, values_per_target = [], []
             with torch.enable_grad():
                 output = self.call(rows, structure)
-                values = target.select(output, example_index[s])
-                if not values.requires_grad:
-                    raise GradientError(
-                        f"{self.name} needs gradients, but the model output does not depend "
-                        "differentiably on the inputs (does the model detach, use NumPy, round "
-                        "or run under torch.no_grad?). Use a black-box method such as "
-                        "'occlusion' or 'kernel_shap' instead."
+                for i, target in enumerate(targets):
+                    values = target.select(output, example_index[s])
+                    if not values.requires_grad:
+                        raise GradientError(
+                            f"{self.name} needs gradients, but the model output does not depend "
+                            "differentiably on the inputs (does the model detach, use NumPy, "
+                            "round or run under torch.no_grad?). Use a black-box method such "
+                            "as 'occlusion' or 'kernel_shap' instead."
+                        )
+                    grads = torch.autograd.grad(
+                        values.sum(), rows, allow_unused=True, retain_graph=i < len(targets) - 1
                     )
-                grads = torch.autograd.grad(values.sum(), rows, allow_unused=True)
-            if all(g is None for g in grads):
-                raise GradientError(
-                    f"{self.name}: the target does not depend on any input tensor; check the "
-                    "target and the model's forward."
-                )
-            grads = tuple(torch.zeros_like(r) if g is None else g for r, g in zip(rows, grads))
-            yield s, grads, values.detach()
+                    if all(g is None for g in grads):
+                        raise GradientError(
+                            f"{self.name}: the target does not depend on any input tensor; "
+                            "check the target and the model's forward."
+                        )
+                    grads_per_target.append(
+                        tuple(torch.zeros_like(r) if g is None else g for r, g in zip(rows, grads))
+                    )
+                    values_per_target.append(values.detach())
+            yield s, grads_per_target, values_per_target
+
+
+def _to_inputs(result: Attribution, xs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Attributions on the inputs' device, and in their dtype when they share their shape."""
+    if result.structure is not None:
+        return tuple(a.detach().to(xs[0].device) for a in result.attributions)
+    return tuple(
+        a.detach().to(device=x.device, dtype=x.dtype if x.is_floating_point() else None)
+        for a, x in zip(result.attributions, xs)
+    )
 
 
 def _concat(parts: list[Any]) -> Any:

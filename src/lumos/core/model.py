@@ -4,6 +4,7 @@ the user's model exactly as it was handed to us."""
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -80,6 +81,7 @@ class ModelState:
         self.hook_keys = [
             {attr: set(getattr(m, attr, {}) or {}) for attr in _HOOK_DICTS} for m in self.modules
         ]
+        self.buffers = [(b, b.detach().clone()) for b in model.buffers()]
         self.params = list(model.parameters())
         self.requires_grad = [p.requires_grad for p in self.params]
         self.grads = [p.grad for p in self.params]
@@ -94,6 +96,10 @@ class ModelState:
                 if current:
                     for key in [k for k in current if k not in before]:
                         del current[key]
+        with torch.no_grad():
+            for buffer, saved in self.buffers:
+                if not torch.equal(buffer, saved):
+                    buffer.copy_(saved)  # BatchNorm statistics of a train-mode model
         for p, flag, grad in zip(self.params, self.requires_grad, self.grads):
             if p.requires_grad != flag:
                 p.requires_grad_(flag)
@@ -112,6 +118,13 @@ def preserved(model: Any, *, freeze: bool = True) -> Iterator[None]:
         yield
         return
     state = ModelState(model)
+    stochastic = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+    if any(m.training and isinstance(m, stochastic) for m in state.modules):
+        warnings.warn(
+            "The model is in train mode: BatchNorm and dropout make explanations depend on the "
+            "batch and on chance. Call model.eval() first (lumos restores the statistics).",
+            stacklevel=4,
+        )
     try:
         if freeze:
             for p in state.params:

@@ -67,7 +67,7 @@ class Target:
             else:
                 value = self.fn(output)
             return _check_callable_result(value, len(example_index))
-        out = output_tensor(output)
+        out = check_batch(output_tensor(output), len(example_index))
         if self.indices is None:
             return out.reshape(out.shape[0], -1)[:, 0] if out.dim() > 1 else out
         idx = self.indices.to(out.device)[example_index.to(out.device)]
@@ -90,7 +90,7 @@ def resolve_target(target: TargetLike, outputs: Any, n_examples: int) -> Target:
     """Check `target` against the model's `outputs` on the inputs and resolve it to a `Target`."""
     if callable(target) and not isinstance(target, (torch.Tensor, np.ndarray)):
         return Target(fn=target)
-    out = output_tensor(outputs)
+    out = check_batch(output_tensor(outputs), n_examples)
     scalar_output = out.dim() == 1 or (out.dim() == 2 and out.shape[1] == 1)
     if out.dim() > 2:
         raise TargetError(
@@ -123,6 +123,18 @@ def resolve_target(target: TargetLike, outputs: Any, n_examples: int) -> Target:
     if out.dim() == 1:
         return Target(indices=None)
     return Target(indices=indices)
+
+
+def check_batch(out: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """The model must return one row of outputs per input row."""
+    if out.dim() == 0 or out.shape[0] != n_rows:
+        raise TargetError(
+            f"The model returned shape {tuple(out.shape)} for a batch of {n_rows}; it must return "
+            "one output row per example (batch first). A model that reduces over the batch "
+            "(e.g. .sum() or .mean(0)) cannot be explained per example; a single example needs "
+            "a batch axis: x.unsqueeze(0)."
+        )
+    return out
 
 
 def _as_index_tensor(target: Any, n_examples: int) -> torch.Tensor:
