@@ -105,6 +105,16 @@ def layer_pass(
     return output, [acts[0] for acts in seen]
 
 
+def check_differentiable(method: Method, values: torch.Tensor) -> None:
+    """Target values must carry a graph back to the tapped layer."""
+    if not values.requires_grad:
+        raise GradientError(
+            f"{method.name} needs gradients of the target w.r.t. the layer, but the output does "
+            "not depend differentiably on it (does the model detach or run under "
+            "torch.no_grad after the layer?)."
+        )
+
+
 class _Stop(Exception):
     """Raised inside a hook to end a forward pass once the layer has been seen."""
 
@@ -135,12 +145,7 @@ def layer_gradients(
                 leaf=True,
             )
             values = target.select(output, example_index[s])
-            if not values.requires_grad:
-                raise GradientError(
-                    f"{method.name} needs gradients of the target w.r.t. the layer, but the "
-                    "output does not depend differentiably on it (does the model detach or run "
-                    "under torch.no_grad after the layer?)."
-                )
+            check_differentiable(method, values)
             grads = torch.autograd.grad(values.sum(), acts, allow_unused=True)
         grads = [torch.zeros_like(a) if g is None else g for a, g in zip(acts, grads)]
         yield s, [a.detach() for a in acts], grads, values.detach()

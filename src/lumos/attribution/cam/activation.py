@@ -12,7 +12,7 @@ from torch import nn
 
 from lumos.attribution.cam.base import CAMMethod, Reshape, find_layer, resize
 from lumos.attribution.cam.downstream import Downstream
-from lumos.attribution.layer import layer_pass, resolve_layers
+from lumos.attribution.layer import resolve_layers
 from lumos.core.batching import chunks
 from lumos.core.errors import InputError, TargetError, UnsupportedModelError
 from lumos.core.method import Attribution, Context
@@ -235,30 +235,27 @@ class AblationCAM(_PerChannelCAM):
     """
 
     def layer_maps(self, ctx: Context, modules: list[nn.Module]) -> list[torch.Tensor]:
+        if callable(self.reshape):
+            raise UnsupportedModelError(
+                f"{self.name} zeroes channels in the layer's own layout; it supports "
+                "reshape=None or 'vit', not a callable."
+            )
         names = {id(m): name for name, m in self.model.named_modules()}
+        raws, _ = self.raw_record(ctx, modules)
         self._short = []
-        return [self._one_layer(ctx, names[id(m)], m) for m in modules]
+        return [self._one_layer(ctx, names[id(m)], m, raw) for m, raw in zip(modules, raws)]
 
     def attribute(self, ctx: Context) -> Attribution:
         result = super().attribute(ctx)
         result.extras["short_circuit"] = all(self._short)
         return result
 
-    def _one_layer(self, ctx: Context, name: str, module: nn.Module) -> torch.Tensor:
-        if callable(self.reshape):
-            raise UnsupportedModelError(
-                f"{self.name} zeroes channels in the layer's own layout; it supports "
-                "reshape=None or 'vit', not a callable."
-            )
-        parts = []
-        with torch.no_grad():
-            for s in chunks(ctx.n, self.batch_size):
-                rows = [x[s] for x in ctx.inputs]
-                parts.append(layer_pass(self, [module], rows, ctx.structure, stop=True)[1][0])
-        raw = torch.cat(parts)
+    def _one_layer(
+        self, ctx: Context, name: str, module: nn.Module, raw: torch.Tensor
+    ) -> torch.Tensor:
         acts = self.to_maps(raw)
         n, c = acts.shape[:2]
-        downstream = Downstream(self, name, module, ctx)
+        downstream = Downstream(self, name, module, ctx, raw)
         self._short.append(downstream.short_circuits)
         example = torch.arange(n, device=raw.device).repeat_interleave(c)
         channel = torch.arange(c, device=raw.device).repeat(n)

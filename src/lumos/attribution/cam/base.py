@@ -6,14 +6,20 @@ device and runs batched across examples; normalization is a display option, not 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lumos.attribution.layer import layer_gradients, layer_pass, main_tensor, resolve_layers
+from lumos.attribution.layer import (
+    check_differentiable,
+    layer_gradients,
+    layer_pass,
+    main_tensor,
+    resolve_layers,
+)
 from lumos.core.batching import chunks
 from lumos.core.errors import InputError, UnsupportedModelError
 from lumos.core.explanation import Explanation
@@ -116,36 +122,64 @@ class CAMMethod(Method):
         acts, grads = self.record(ctx, modules)
         return [self.combine(ctx, module, a, g) for module, a, g in zip(modules, acts, grads)]
 
-    def record(self, ctx: Context, modules: list[nn.Module]):
-        """Activations (and, for gradient methods, target gradients) of every layer, as maps
-        ``(B, C, h, w)``, batched over examples by `batch_size`."""
+    def forward(
+        self, xs: Sequence[torch.Tensor], structure: Structure, *, grad: bool = False
+    ) -> Any:
+        """The pipeline's forward pass on the examples; it doubles as the recording pass (and,
+        for gradient methods, keeps the graph after the layer) when the layers are given and
+        the examples fit in one batch, which saves a forward pass per explanation."""
+        self._recorded = None
+        n = int(xs[0].shape[0])
+        if grad or self.layers is None or (self.batch_size is not None and n > self.batch_size):
+            return super().forward(xs, structure, grad=grad)
+        modules = [module for _, module in self.layers]
+        with torch.set_grad_enabled(self.uses_gradients):
+            output, acts = layer_pass(self, modules, xs, structure, leaf=self.uses_gradients)
+        self._recorded = (xs, output, acts)
+        return output
+
+    def raw_record(self, ctx: Context, modules: list[nn.Module]):
+        """Activations (and, for gradient methods, target gradients) of every layer in the
+        layer's own layout, batched over examples by `batch_size`."""
+        recorded, self._recorded = getattr(self, "_recorded", None), None
+        if recorded is not None and recorded[0] is ctx.inputs:
+            _, output, acts = recorded
+            if not self.uses_gradients:
+                return [a.detach() for a in acts], [None] * len(acts)
+            values = ctx.target.select(output, torch.arange(ctx.n, device=ctx.device))
+            check_differentiable(self, values)
+            grads = torch.autograd.grad(values.sum(), acts, allow_unused=True)
+            grads = [torch.zeros_like(a) if g is None else g for a, g in zip(acts, grads)]
+            return [a.detach() for a in acts], grads
         acts: list[list[torch.Tensor]] = [[] for _ in modules]
         grads: list[list[torch.Tensor]] = [[] for _ in modules]
         if self.uses_gradients:
+
+            def rows(s: slice) -> list[torch.Tensor]:
+                return [x[s] for x in ctx.inputs]
+
             index = torch.arange(ctx.n, device=ctx.device)
-            parts = layer_gradients(
-                self,
-                modules,
-                lambda s: [x[s] for x in ctx.inputs],
-                ctx.n,
-                index,
-                ctx.target,
-                ctx.structure,
-            )
+            parts = layer_gradients(self, modules, rows, ctx.n, index, ctx.target, ctx.structure)
             for _, a_chunk, g_chunk, _ in parts:
                 for i, (a, g) in enumerate(zip(a_chunk, g_chunk)):
-                    acts[i].append(self.to_maps(a))
-                    grads[i].append(self.to_maps(g))
+                    acts[i].append(a)
+                    grads[i].append(g)
         else:
             with torch.no_grad():
                 for s in chunks(ctx.n, self.batch_size):
-                    rows = [x[s] for x in ctx.inputs]
-                    _, a_chunk = layer_pass(self, modules, rows, ctx.structure)
+                    _, a_chunk = layer_pass(
+                        self, modules, [x[s] for x in ctx.inputs], ctx.structure
+                    )
                     for i, a in enumerate(a_chunk):
-                        acts[i].append(self.to_maps(a))
+                        acts[i].append(a)
+        return [torch.cat(a) for a in acts], [torch.cat(g) if g else None for g in grads]
+
+    def record(self, ctx: Context, modules: list[nn.Module]):
+        """`raw_record` as maps ``(B, C, h, w)``."""
+        acts, grads = self.raw_record(ctx, modules)
         return (
-            [torch.cat(a) for a in acts],
-            [torch.cat(g) if g else None for g in grads],
+            [self.to_maps(a) for a in acts],
+            [None if g is None else self.to_maps(g) for g in grads],
         )
 
     def combine(

@@ -3,9 +3,10 @@ channel, so skipping the (unchanged) part before the layer is most of its cost.
 
 With `torch.fx` the model is traced with the layer as a leaf; the nodes that depend on the layer
 form the tail graph, and every other value the tail reads (a residual branch, an input) is
-computed once per batch and cached. The tail is checked against the model's own outputs; models
-that cannot be traced (data-dependent control flow, keyword inputs) or fail the check run the full
-model instead, with the layer's output replaced by the given activations.
+computed once per batch and cached (no extra pass when there is none, as in a plain stack). The
+tail is checked against the model's own outputs; models that cannot be traced (data-dependent
+control flow, keyword inputs) or fail the check run the full model instead, with the layer's
+output replaced by the given activations.
 """
 
 from __future__ import annotations
@@ -23,12 +24,19 @@ class Downstream:
     """``downstream(activations, example_index)`` is the model's output when the layer outputs
     `activations` (rows belong to examples `example_index`)."""
 
-    def __init__(self, method: Method, name: str, module: nn.Module, ctx: Context) -> None:
+    def __init__(
+        self,
+        method: Method,
+        name: str,
+        module: nn.Module,
+        ctx: Context,
+        activations: torch.Tensor,
+    ) -> None:
         self.method, self.module, self.ctx = method, module, ctx
         self.tail: fx.GraphModule | None = None
         self.upstream: list[tuple[Any, bool]] = []
         if ctx.structure.kind != "dict":
-            self._build(name)
+            self._build(name, activations)
 
     @property
     def short_circuits(self) -> bool:
@@ -49,7 +57,7 @@ class Downstream:
         )
         return output
 
-    def _build(self, name: str) -> None:
+    def _build(self, name: str, activations: torch.Tensor) -> None:
         module, ctx = self.module, self.ctx
 
         class Tracer(fx.Tracer):
@@ -90,11 +98,11 @@ class Downstream:
                     if a not in env:
                         env[a] = tail.node_copy(a)
                 env[node] = tail.node_copy(node, lambda a: env[a])
-        values = _capture(root, [start, *external], ctx.inputs)
-        if values is None or not isinstance(values[0], torch.Tensor):
+        values = _capture(root, external, ctx.inputs) if external else []
+        if values is None:
             return
         upstream = []
-        for node, value in zip(external, values[1:]):
+        for node, value in zip(external, values):
             batched = node in from_inputs
             if batched and not (isinstance(value, torch.Tensor) and value.shape[:1] == (ctx.n,)):
                 return
@@ -102,7 +110,7 @@ class Downstream:
         self.tail, self.upstream = fx.GraphModule(root, tail), upstream
         index = torch.arange(ctx.n, device=ctx.device)
         with torch.no_grad():
-            check = ctx.target.select(self(values[0], index), index)
+            check = ctx.target.select(self(activations, index), index)
         expected = ctx.target_values()
         if check.shape != expected.shape or not torch.allclose(
             check, expected, rtol=1e-4, atol=1e-5
