@@ -82,7 +82,9 @@ def reference_model(state: dict[str, np.ndarray] | None = None) -> ReferenceNet:
     return model.eval()
 
 
-def zennit_relevance(zennit, model: nn.Module, x: torch.Tensor, preset: str) -> np.ndarray:
+def zennit_relevance(model: nn.Module, x: torch.Tensor, preset: str) -> np.ndarray:
+    """Zennit's input relevance for `TARGET`, starting from the target logit."""
+    import zennit.composites
     from zennit.canonizers import SequentialMergeBatchNorm
     from zennit.rules import Norm
 
@@ -102,7 +104,7 @@ def zennit_relevance(zennit, model: nn.Module, x: torch.Tensor, preset: str) -> 
 
 def main() -> None:
     sys.modules.setdefault("torchvision", _stub_torchvision())
-    import zennit.composites
+    import zennit
 
     model = reference_model()
     generator = torch.Generator().manual_seed(1)
@@ -110,7 +112,7 @@ def main() -> None:
     arrays = {f"state/{k}": v.numpy() for k, v in model.state_dict().items()}
     arrays["input"] = x.numpy()
     for preset in PRESETS:
-        arrays[f"relevance/{preset}"] = zennit_relevance(zennit, model, x, preset)
+        arrays[f"relevance/{preset}"] = zennit_relevance(model, x, preset)
     OUT.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(OUT, **arrays)
     print(f"wrote {OUT} with zennit {getattr(zennit, '__version__', '0.5.1')}")

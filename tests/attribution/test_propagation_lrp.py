@@ -204,7 +204,9 @@ def test_composite_keys_by_path_override_keys_by_type():
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).double().eval()
     x = torch.rand(2, 6, dtype=torch.float64)
-    by_path = lrp(model, x, 0, composite={"0": Flat(), nn.Linear: Epsilon()}).attributions
+    exp = lrp(model, x, 0, composite={"0": Flat(), nn.Linear: Epsilon()})
+    assert exp.extras["rules"] == {"0": repr(Flat()), "1": "Pass()", "2": repr(Epsilon())}
+    by_path = exp.attributions
     by_type = lrp(model, x, 0, composite={nn.Linear: Epsilon()}).attributions
     flat_first = lrp(model, x, 0, composite={"first": Flat(), nn.Linear: Epsilon()}).attributions
     assert torch.allclose(by_path, flat_first)
@@ -280,6 +282,19 @@ def test_presets_match_zennit_reference_relevances(preset):
     expected = torch.from_numpy(data[f"relevance/{preset}"])
     scale = expected.abs().max()
     assert (exp.attributions - expected).abs().max() <= 1e-4 * scale
+
+
+@pytest.mark.parametrize("preset", ["epsilon_plus", "epsilon_gamma_box", "epsilon_plus_flat"])
+def test_presets_match_zennit_live_when_it_is_installed(preset):
+    pytest.importorskip("torchvision")
+    pytest.importorskip("zennit")
+    references, _ = _zennit_references()
+    model = references.reference_model()
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    expected = torch.from_numpy(references.zennit_relevance(model, x, preset))
+    options = {"low": 0.0, "high": 1.0} if preset == "epsilon_gamma_box" else {}
+    exp = lrp(model, x, references.TARGET, composite=preset, **options)
+    assert (exp.attributions - expected).abs().max() <= 1e-4 * expected.abs().max()
 
 
 # -- every preset runs on the zoo-like model; errors -----------------------------------------------
@@ -372,3 +387,36 @@ def test_torchvision_resnet_is_conserved_under_lrp_epsilon():
     x = torch.rand(1, 3, 64, 64, dtype=torch.float64)
     exp = lrp(model, x, 3, composite="epsilon_plus")
     assert torch.isfinite(exp.attributions).all()
+
+
+@pytest.mark.parametrize("method", ["lrp", "deeplift", "excitation_backprop"])
+def test_dict_inputs_reach_the_forward_arguments_by_name(method):
+    from models import TwoInputModel
+
+    torch.manual_seed(0)
+    model = TwoInputModel().double().eval()
+    a, b = torch.rand(3, 4, dtype=torch.float64), torch.rand(3, 2, dtype=torch.float64)
+    as_tuple = lumos.explain(model, (a, b), method=method, target=1).attributions
+    as_dict = lumos.explain(model, {"b": b, "a": a}, method=method, target=1).attributions
+    assert torch.allclose(as_tuple[0], as_dict["a"]) and torch.allclose(as_tuple[1], as_dict["b"])
+
+
+def test_in_place_residual_add_on_a_reused_in_place_relu_is_conserved():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 3, 3, padding=1, bias=False)
+            self.conv2 = nn.Conv2d(3, 3, 3, padding=1, bias=False)
+            self.relu = nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            out = self.relu(self.conv1(x))
+            out = self.conv2(out)
+            out += x  # torchvision's BasicBlock writes the residual this way
+            return self.relu(out).mean((2, 3))
+
+    torch.manual_seed(0)
+    model = Block().double().eval()
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    exp = lrp(model, x, 1, composite="epsilon", epsilon=1e-9)
+    assert (exp.delta.abs() <= 1e-4 * model(x)[:, 1].detach().abs()).all()

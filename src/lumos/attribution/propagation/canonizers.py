@@ -46,7 +46,6 @@ class MergeBatchNorm(Canonizer):
                 producer.kind != "linear"
                 or not isinstance(producer.module, MERGEABLE)
                 or len(source.users) != 1
-                or producer.path in graph.merged
             ):
                 continue
             graph.layers[producer.path] = merge(graph.layers[producer.path], step.module)

@@ -18,7 +18,7 @@ import torch
 
 from lumos.attribution.baselines import background_set, resolve_baselines
 from lumos.attribution.propagation.graph import Graph, Layer, Step, Strategy, weighted_sum
-from lumos.attribution.propagation.lrp import total
+from lumos.attribution.propagation.lrp import keys_of, total
 from lumos.core.batching import chunks
 from lumos.core.errors import GradientError, UnsupportedModelError, unknown_name
 from lumos.core.explanation import Explanation
@@ -38,21 +38,19 @@ class _Rescale(torch.autograd.Function):
     def forward(ctx, x: Tensor, fn: Callable) -> Tensor:
         with torch.no_grad():
             y = fn(x)
-        ctx.fn = fn
-        ctx.save_for_backward(x, y)
+            x1, x0 = x.chunk(2)
+            dx = x1 - x0
+            small = dx.abs() < EPS
+            multiplier = (y.chunk(2)[0] - y.chunk(2)[1]) / dx.masked_fill(small, 1.0)
+        if bool(small.any()):
+            multiplier = torch.where(small, _vjp(fn, x1, torch.ones_like(x1)), multiplier)
+        ctx.save_for_backward(multiplier)
         return y
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, y = ctx.saved_tensors
-        n = x.shape[0] // 2
-        dx = (x[:n] - x[n:]).repeat(2, *([1] * (x.dim() - 1)))
-        dy = (y[:n] - y[n:]).repeat(2, *([1] * (x.dim() - 1)))
-        small = dx.abs() < EPS
-        ratio = grad * dy / torch.where(small, torch.ones_like(dx), dx)
-        if bool(small.any()):
-            ratio = torch.where(small, _vjp(ctx.fn, x, grad), ratio)
-        return ratio, None
+        (multiplier,) = ctx.saved_tensors
+        return _both_halves(grad, multiplier), None
 
 
 class _MaxPoolRescale(torch.autograd.Function):
@@ -69,17 +67,29 @@ class _MaxPoolRescale(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, y = ctx.saved_tensors
-        n = x.shape[0] // 2
-        y_top = torch.maximum(y[:n], y[n:])
-        shares = torch.cat([grad[:n] * (y_top - y[n:]), grad[n:] * (y[:n] - y_top)])
-        routed = _vjp(ctx.fn, x, shares)
-        contribution = (routed[:n] + routed[n:]).repeat(2, *([1] * (x.dim() - 1)))
-        dx = (x[:n] - x[n:]).repeat(2, *([1] * (x.dim() - 1)))
-        small = dx.abs() < EPS
-        multiplier = contribution / torch.where(small, torch.ones_like(dx), dx)
-        if bool(small.any()):
-            multiplier = torch.where(small, _vjp(ctx.fn, x, grad), multiplier)
-        return multiplier, None
+        y1, y0 = y.chunk(2)
+        g1, g0 = grad.chunk(2)
+        y_top = torch.maximum(y1, y0)
+        shares = torch.cat([g1 * (y_top - y0), g0 * (y1 - y_top)])
+        with torch.enable_grad():
+            leaf = x.detach().requires_grad_(True)
+            out = ctx.fn(leaf)
+            (routed,) = torch.autograd.grad(out, leaf, shares, retain_graph=True)
+            r1, r0 = routed.chunk(2)
+            x1, x0 = x.chunk(2)
+            dx = x1 - x0
+            small = dx.abs() < EPS
+            multiplier = (r1 + r0) / dx.masked_fill(small, 1.0)
+            result = torch.cat([multiplier, multiplier])
+            if bool(small.any()):
+                (plain,) = torch.autograd.grad(out, leaf, grad)
+                result = torch.where(torch.cat([small, small]), plain, result)
+        return result, None
+
+
+def _both_halves(grad: Tensor, multiplier: Tensor) -> Tensor:
+    """``grad ⊙ [m; m]`` for a ``[x; x']`` batch without copying `m`."""
+    return (grad.view(2, *multiplier.shape) * multiplier).view_as(grad)
 
 
 def _vjp(fn: Callable, x: Tensor, grad: Tensor) -> Tensor:
@@ -238,7 +248,7 @@ class _DeepLiftBase(Method):
             )
             index = example[s].repeat(strategy.copies)
             with torch.enable_grad():
-                output = output_tensor(graph.run(strategy, xs))
+                output = output_tensor(graph.run(strategy, xs, keys_of(ctx)))
                 values = ctx.target.select(output, index)
                 if not values.requires_grad:
                     raise GradientError(

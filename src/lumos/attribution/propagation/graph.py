@@ -337,14 +337,18 @@ class Graph:
         )
 
     # running
-    def run(self, strategy: Strategy, inputs: Sequence[Tensor]) -> Any:
-        """Evaluate the graph on `inputs`, letting `strategy` compute every classified step."""
+    def run(
+        self, strategy: Strategy, inputs: Sequence[Tensor], keys: Sequence[str] | None = None
+    ) -> Any:
+        """Evaluate the graph on `inputs` (positional, or keyword arguments named by `keys`),
+        letting `strategy` compute every classified step."""
         env: dict[fx.Node, Any] = {}
-        placeholders = iter(inputs)
+        positional = iter(inputs)
+        named = dict(zip(keys, inputs)) if keys is not None else None
         for step in self.steps:
             node = step.node
             if node.op == "placeholder":
-                env[node] = next(placeholders)
+                env[node] = self._placeholder(node, positional, named)
                 continue
             if node.op == "output":
                 return fx.node.map_arg(node.args[0], lambda n: env[n])
@@ -352,6 +356,20 @@ class Graph:
             kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
             env[node] = self._evaluate(step, strategy, args, kwargs)
         raise UnsupportedModelError("The traced model has no output.")
+
+    def _placeholder(self, node: fx.Node, positional, named: dict | None) -> Any:
+        if named is not None and node.target in named:
+            return named[node.target]
+        if named is None:
+            value = next(positional, None)
+            if value is not None:
+                return value
+        if node.args:
+            return node.args[0]  # the argument's default
+        raise UnsupportedModelError(
+            f"{self.method}: the model's forward() needs the argument '{node.target}', which "
+            "the inputs do not provide."
+        )
 
     def _evaluate(self, step: Step, strategy: Strategy, args: tuple, kwargs: dict) -> Any:
         node, module = step.node, step.module

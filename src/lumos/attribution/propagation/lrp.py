@@ -32,13 +32,18 @@ class RuleStrategy(Strategy):
 
     def __init__(self, composite: Composite, method: str) -> None:
         self.composite, self.method = composite, method
+        self.applied: dict[str, str] = {}  # module path -> rule, for Explanation.extras
+
+    def _record(self, step: Step, rule: Any) -> Any:
+        self.applied[step.path] = "gradient" if rule is None else repr(rule)
+        return rule
 
     def layer(self, step: Step, layer: Layer, x: Tensor) -> Tensor:
-        rule = require_rule(self.composite, step, self.method)
+        rule = self._record(step, require_rule(self.composite, step, self.method))
         return propagate(rule, layer.fn, (x,), layer.weight, layer.bias)
 
-    def _elementwise(self, step: Step, fn: Callable, x: Tensor, default, key=None) -> Tensor:
-        rule = self.composite.rule_for(step, key) or default
+    def _elementwise(self, step: Step, fn: Callable, x: Tensor, default) -> Tensor:
+        rule = self._record(step, self.composite.rule_for(step) or default)
         if rule is None:
             return fn(x)
         return propagate(rule, lambda t, w, b: fn(t), (x,))
@@ -56,7 +61,7 @@ class RuleStrategy(Strategy):
         return self._elementwise(step, fn, x, Norm())
 
     def sum(self, step: Step, terms: list[Tensor], signs: list[float]) -> Tensor:
-        rule = self.composite.rule_for(step, Sum) or Norm()
+        rule = self._record(step, self.composite.rule_for(step, Sum) or Norm())
         return propagate(rule, lambda *a: weighted_sum(a[:-2], signs), terms)
 
 
@@ -79,7 +84,7 @@ def relevance_pass(
     for s in chunks(ctx.n, method.batch_size):
         xs = tuple(x[s].detach().requires_grad_(True) for x in ctx.inputs)
         with torch.enable_grad():
-            out = output_tensor(graph.run(strategy, xs))
+            out = output_tensor(graph.run(strategy, xs, keys_of(ctx)))
             leaf = out.detach().requires_grad_(True)
             selected = ctx.target.select(leaf, index[s])
             (onehot,) = torch.autograd.grad(selected.sum(), leaf)
@@ -95,6 +100,11 @@ def relevance_pass(
                 total[s] = g
         values[s] = selected.detach().double()
     return totals, values
+
+
+def keys_of(ctx: Context) -> tuple[str, ...] | None:
+    """Keyword names for dict inputs (the model is called as ``model(**inputs)``)."""
+    return ctx.structure.keys if ctx.structure.kind == "dict" else None
 
 
 def total(attributions: Sequence[Tensor]) -> Tensor:
@@ -157,11 +167,12 @@ class LRP(Method):
 
     def attribute(self, ctx: Context) -> Attribution:
         graph = Graph(self.model, self.name)
+        strategy = RuleStrategy(self.composite, self.name)
         with canonized(graph, self.canonizers):
-            relevance, values = relevance_pass(
-                self, ctx, graph, RuleStrategy(self.composite, self.name)
-            )
-        return Attribution(relevance, delta=total(relevance) - values)
+            relevance, values = relevance_pass(self, ctx, graph, strategy)
+            merged = sorted(graph.merged)
+        extras = {"rules": strategy.applied, "merged_batchnorm": merged}
+        return Attribution(relevance, delta=total(relevance) - values, extras=extras)
 
 
 __all__ = ["LRP", "PRESETS", "RuleStrategy", "relevance_pass"]

@@ -1,0 +1,145 @@
+"""Propagation methods: LRP and DeepLIFT time ÷ one plain gradient of the same batch (a bare
+forward+backward), and ÷ Captum's LRP / DeepLift on the same model, interleaved in one process.
+
+LRP runs as one forward pass plus one modified backward pass, so its floor is the plain
+gradient; DeepLIFT runs the inputs and baselines as one batch of twice the rows, so its floor is
+a gradient of that doubled batch (reported too). `lumos` timings include everything
+`lumos.explain` does (input checks, the forward pass for the target, tracing with torch.fx).
+
+Run: .venv/bin/python benchmarks/bench_propagation.py
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import BasicBlock, interleaved, resnet18, save
+
+import lumos
+
+warnings.filterwarnings("ignore")
+
+
+class PlainCNN(nn.Module):
+    """A plain_cnn-like model of nn modules only (each used once), which Captum handles."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(64, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(4),
+        )
+        self.classifier = nn.Sequential(nn.Linear(1024, 128), nn.ReLU(), nn.Linear(128, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+class DistinctReLUBlock(BasicBlock):
+    """The ResNet block with one ReLU module per use (Captum's hooks reject a reused module)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu_a(self.bn1(self.conv1(x)))
+        return self.relu_b(self.bn2(self.conv2(out)) + identity)
+
+
+def resnet18_for_captum() -> nn.Module:
+    model = resnet18()
+    model.relu = nn.ReLU()
+    for block in model.modules():
+        if isinstance(block, BasicBlock):
+            block.__class__ = DistinctReLUBlock
+            block.relu_a, block.relu_b = nn.ReLU(), nn.ReLU()
+    return model.eval()
+
+
+def models():
+    torch.manual_seed(0)
+    yield "plain CNN, 16×3×64×64", PlainCNN().eval(), torch.rand(16, 3, 64, 64)
+    yield "ResNet-18, 2×3×112×112", resnet18_for_captum(), torch.rand(2, 3, 112, 112)
+
+
+def gradient(model, x, target):
+    rows = x.detach().requires_grad_(True)
+    out = model(rows).gather(1, target[:, None]).sum()
+    return torch.autograd.grad(out, rows)[0]
+
+
+def time_one(label: str, model: nn.Module, x: torch.Tensor) -> dict:
+    from captum.attr import LRP as CaptumLRP
+    from captum.attr import DeepLift as CaptumDeepLift
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    target = model(x).argmax(1)
+    doubled, doubled_target = torch.cat([x, torch.zeros_like(x)]), target.repeat(2)
+    captum_lrp, captum_dl = CaptumLRP(model), CaptumDeepLift(model)
+    candidates = {
+        "gradient": lambda: gradient(model, x, target),
+        "gradient (2× rows)": lambda: gradient(model, doubled, doubled_target),
+        "lumos saliency": lambda: lumos.explain(model, x, method="saliency", target=target),
+        "lumos lrp epsilon": lambda: lumos.explain(
+            model, x, method="lrp", target=target, composite="epsilon"
+        ),
+        "lumos lrp epsilon_plus": lambda: lumos.explain(model, x, method="lrp", target=target),
+        "captum lrp": lambda: captum_lrp.attribute(x, target=target),
+        "lumos deeplift": lambda: lumos.explain(model, x, method="deeplift", target=target),
+        "captum deeplift": lambda: captum_dl.attribute(x, torch.zeros_like(x), target=target),
+    }
+    try:
+        candidates["captum lrp"]()
+    except Exception as exc:  # Captum's LRP rejects some layer types
+        print(f"{label}: captum LRP failed ({exc}); left out")
+        del candidates["captum lrp"]
+    times = interleaved(candidates, repeats=5)
+    print(label, {k: round(v, 3) for k, v in times.items()}, flush=True)
+    g, g2 = times["gradient"], times["gradient (2× rows)"]
+    row = {"model": label, "seconds": times}
+    row["lrp_epsilon_over_gradient"] = times["lumos lrp epsilon"] / g
+    row["lrp_epsilon_plus_over_gradient"] = times["lumos lrp epsilon_plus"] / g
+    row["lrp_epsilon_over_lumos_saliency"] = times["lumos lrp epsilon"] / times["lumos saliency"]
+    row["deeplift_over_gradient_2x"] = times["lumos deeplift"] / g2
+    row["deeplift_over_captum"] = times["lumos deeplift"] / times["captum deeplift"]
+    if "captum lrp" in times:
+        row["lrp_epsilon_over_captum"] = times["lumos lrp epsilon"] / times["captum lrp"]
+    return row
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    rows = [time_one(label, model, x) for label, model, x in models()]
+    lines = [
+        "| model | gradient s | LRP-ε s | ÷ gradient | ÷ lumos saliency | ÷ Captum LRP "
+        "| LRP ε/z⁺ ÷ gradient | DeepLIFT s | ÷ gradient of 2× rows | ÷ Captum DeepLift |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        t = r["seconds"]
+        captum_lrp = r.get("lrp_epsilon_over_captum")
+        lines.append(
+            f"| {r['model']} | {t['gradient']:.3f} | {t['lumos lrp epsilon']:.3f} "
+            f"| {r['lrp_epsilon_over_gradient']:.2f} | {r['lrp_epsilon_over_lumos_saliency']:.2f} "
+            f"| {'n/a' if captum_lrp is None else f'{captum_lrp:.2f}'} "
+            f"| {r['lrp_epsilon_plus_over_gradient']:.2f} | {t['lumos deeplift']:.3f} "
+            f"| {r['deeplift_over_gradient_2x']:.2f} | {r['deeplift_over_captum']:.2f} |"
+        )
+    table = "\n".join(lines) + "\n"
+    save("propagation", {"rows": rows, "threads": 2}, table)
+
+
+if __name__ == "__main__":
+    main()
