@@ -106,6 +106,9 @@ def test_evaluate_reports_are_self_contained(data):
     assert "http" not in page and "<script" not in page
     assert "Ranking" in page and "pointing_game" in page
     assert result.to_html(full=False).startswith("<section")
+    records = result.to_records()
+    assert {r["method"] for r in records} == {"saliency", "guided_backprop"} and len(records) == 4
+    pytest.importorskip("pandas")
     frame = result.to_pandas()
     assert set(frame["method"]) == {"saliency", "guided_backprop"} and len(frame) == 4
     fig = result.plot()

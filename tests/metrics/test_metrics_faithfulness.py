@@ -113,7 +113,8 @@ def test_metrics_leave_the_model_as_it_was():
     model = tiny_cnn().train()
     model.fc.weight.grad = torch.ones_like(model.fc.weight)
     x = torch.rand(2, 3, 8, 8)
-    M.deletion(model, x, torch.rand(2, 1, 8, 8), n_steps=2)
+    with pytest.warns(UserWarning, match="train mode"):
+        M.deletion(model, x, torch.rand(2, 1, 8, 8), n_steps=2)
     assert model.training and torch.equal(model.fc.weight.grad, torch.ones_like(model.fc.weight))
     assert all(p.requires_grad for p in model.parameters())
 

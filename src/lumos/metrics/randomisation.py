@@ -140,12 +140,16 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7) -> torch.Tensor:
 
 
 def similarity(a: Any, b: Any, kind: str = "spearman_abs") -> torch.Tensor:
-    """Per-example similarity of two attribution batches: ``spearman_abs`` (rank correlation of
-    |maps|), ``spearman`` (signed) or ``ssim``; image channels are summed first."""
-    ma, mb = attribution_map(a), attribution_map(b)
-    if kind == "spearman_abs":
-        return spearman(ma.abs().flatten(1), mb.abs().flatten(1))
+    """Per-example similarity of two attribution batches.
+
+    ``spearman_abs``: rank correlation of the magnitude maps (image channels reduced by
+    summing |a|, as saliency maps are shown); ``spearman``: of the signed maps (channels
+    summed); ``ssim``: structural similarity of the magnitude maps.
+    """
     if kind == "spearman":
+        return spearman(attribution_map(a).flatten(1), attribution_map(b).flatten(1))
+    ma, mb = attribution_map(a, "abs_sum").abs(), attribution_map(b, "abs_sum").abs()
+    if kind == "spearman_abs":
         return spearman(ma.flatten(1), mb.flatten(1))
     if kind == "ssim":
         return ssim(ma, mb)
