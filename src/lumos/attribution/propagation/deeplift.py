@@ -67,23 +67,24 @@ class _MaxPoolRescale(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, y = ctx.saved_tensors
-        y1, y0 = y.chunk(2)
-        g1, g0 = grad.chunk(2)
+        (y1, y0), (g1, g0), (x1, x0) = y.chunk(2), grad.chunk(2), x.chunk(2)
         y_top = torch.maximum(y1, y0)
-        shares = torch.cat([g1 * (y_top - y0), g0 * (y1 - y_top)])
+        shares = torch.empty_like(grad)
+        torch.mul(g1, y_top - y0, out=shares[: len(g1)])
+        torch.mul(g0, y1 - y_top, out=shares[len(g1) :])
         with torch.enable_grad():
             leaf = x.detach().requires_grad_(True)
             out = ctx.fn(leaf)
-            (routed,) = torch.autograd.grad(out, leaf, shares, retain_graph=True)
-            r1, r0 = routed.chunk(2)
-            x1, x0 = x.chunk(2)
-            dx = x1 - x0
-            small = dx.abs() < EPS
-            multiplier = (r1 + r0) / dx.masked_fill(small, 1.0)
-            result = torch.cat([multiplier, multiplier])
-            if bool(small.any()):
-                (plain,) = torch.autograd.grad(out, leaf, grad)
-                result = torch.where(torch.cat([small, small]), plain, result)
+        (routed,) = torch.autograd.grad(out, leaf, shares, retain_graph=True)
+        dx = x1 - x0
+        small = dx.abs() < EPS
+        result = torch.empty_like(x)
+        first = result[: len(x1)]
+        torch.div(routed[: len(x1)] + routed[len(x1) :], dx.masked_fill_(small, 1.0), out=first)
+        result[len(x1) :] = first
+        if bool(small.any()):
+            (plain,) = torch.autograd.grad(out, leaf, grad)
+            result = torch.where(small.repeat(2, *([1] * (x.dim() - 1))), plain, result)
         return result, None
 
 
@@ -113,6 +114,9 @@ class RescaleStrategy(Strategy):
 
     def seeded(self, values: Tensor, m: int) -> Tensor:
         return values.sum()
+
+    def reference_values(self, values: Tensor, m: int) -> Tensor:
+        return values[m:]
 
     def contributions(self, x: Tensor, ref: Tensor, grad: Tensor, m: int) -> Tensor:
         return (x - ref) * grad[:m]
@@ -171,6 +175,9 @@ class RevealCancelStrategy(RescaleStrategy):
 
     def seeded(self, values: Tensor, m: int) -> Tensor:
         return values[m:].sum()
+
+    def reference_values(self, values: Tensor, m: int) -> Tensor:
+        return values[:m]
 
     def contributions(self, x: Tensor, ref: Tensor, grad: Tensor, m: int) -> Tensor:
         delta = x - ref
@@ -235,11 +242,13 @@ class _DeepLiftBase(Method):
     def multipliers(
         self, ctx: Context, graph: Graph, pairs: tuple[Tensor, ...], refs: tuple[Tensor, ...],
         example: Tensor,
-    ) -> tuple[Tensor, ...]:  # fmt: skip
-        """Contributions ``(x − x') ⊙ m`` of each (input row, reference row) pair, in chunks."""
+    ) -> tuple[tuple[Tensor, ...], Tensor]:  # fmt: skip
+        """Contributions ``(x − x') ⊙ m`` of each (input row, reference row) pair, in chunks,
+        and the target's value at each reference row."""
         strategy = RULES[self.rule]()
         rows = int(pairs[0].shape[0])
         out = tuple(torch.empty_like(p) for p in pairs)
+        f_ref = torch.empty(rows, dtype=torch.float64, device=ctx.device)
         step = None if self.batch_size is None else max(self.batch_size // strategy.copies, 1)
         for s in chunks(rows, step):
             m = s.stop - s.start
@@ -258,7 +267,8 @@ class _DeepLiftBase(Method):
                 grads = torch.autograd.grad(strategy.seeded(values, m), xs, allow_unused=True)
             for full, g, p, r in zip(out, grads, pairs, refs):
                 full[s] = 0 if g is None else strategy.contributions(p[s], r[s], g, m)
-        return out
+            f_ref[s] = strategy.reference_values(values.detach(), m).double()
+        return out, f_ref
 
 
 @register("deeplift", family="propagation", needs={"gradients"})
@@ -289,9 +299,8 @@ class DeepLift(_DeepLiftBase):
         graph = Graph(self.model, self.name)
         refs = resolve_baselines(baselines, ctx.inputs, ctx.structure)
         index = torch.arange(ctx.n, device=ctx.device)
-        attributions = self.multipliers(ctx, graph, ctx.inputs, refs, index)
-        f_ref = ctx.target.select(self.forward(refs, ctx.structure), index)
-        delta = total(attributions) - (ctx.target_values() - f_ref).double()
+        attributions, f_ref = self.multipliers(ctx, graph, ctx.inputs, refs, index)
+        delta = total(attributions) - (ctx.target_values().double() - f_ref)
         return Attribution(attributions, delta=delta)
 
 
@@ -322,9 +331,8 @@ class DeepLiftShap(_DeepLiftBase):
         reference = torch.arange(k, device=ctx.device).repeat(n)
         pairs = tuple(x[example] for x in ctx.inputs)
         refs = tuple(b[reference] for b in background)
-        per_pair = self.multipliers(ctx, graph, pairs, refs, example)
+        per_pair, f_refs = self.multipliers(ctx, graph, pairs, refs, example)
         attributions = tuple(a.view(n, k, *a.shape[1:]).mean(1) for a in per_pair)
-        bg_out = output_tensor(self.forward(background, ctx.structure))
-        f_bg = ctx.target.select(bg_out[reference], example).view(n, k).mean(1)
-        delta = total(attributions) - (ctx.target_values() - f_bg).double()
+        f_bg = f_refs.view(n, k).mean(1)
+        delta = total(attributions) - (ctx.target_values().double() - f_bg)
         return Attribution(attributions, delta=delta)
