@@ -1,0 +1,5 @@
+"""`python -m lumos` runs the command line."""
+
+from lumos.cli import app
+
+app()
