@@ -148,5 +148,7 @@ def test_layer_methods_need_a_layer_that_runs_once():
     model, x = tiny_cnn(), torch.rand(2, 3, 16, 16)
     with pytest.raises(InputError, match="layer="):
         lumos.explain(model, x, method="layer_gradient_x_activation")
+    with pytest.raises(InputError, match="one layer"):
+        lumos.explain(model, x, method="layer_activation", layer=["conv2", "block"])
     with pytest.raises(UnsupportedModelError, match="2 times"):
         lumos.explain(model, x, method="layer_gradient_x_activation", layer="relu")

@@ -169,6 +169,16 @@ def resolve_layers(method: Method, layer: Any) -> list[tuple[str, nn.Module]]:
     return [resolve_layer(method.model, one) for one in layers]
 
 
+def resolve_one_layer(method: Method, layer: Any) -> tuple[str, nn.Module]:
+    """`(path, module)` of the single layer a layer or neuron method explains."""
+    if isinstance(layer, (list, tuple)):
+        raise InputError(
+            f"{method.name} explains one layer; got {len(layer)}. Fusing several layers is "
+            "a CAM option (e.g. method='layer_cam', layer=[...])."
+        )
+    return resolve_layers(method, layer)[0]
+
+
 class LayerMethod(Method):
     """Base of layer attribution methods.
 
@@ -180,7 +190,7 @@ class LayerMethod(Method):
     def __init__(self, model: Callable, *, layer: Any = None, batch_size: int | None = None):
         super().__init__(model, batch_size=batch_size)
         self.layer = layer
-        ((self.layer_name, self.module),) = resolve_layers(self, layer)
+        self.layer_name, self.module = resolve_one_layer(self, layer)
 
     def _config(self) -> dict[str, Any]:
         return {**super()._config(), "layer": self.layer_name}

@@ -15,7 +15,7 @@ import torch
 
 from lumos.attribution.baselines import resolve_baselines
 from lumos.attribution.gradient import _col, integration_rule
-from lumos.attribution.layer import layer_pass, resolve_layers
+from lumos.attribution.layer import layer_pass, resolve_one_layer
 from lumos.core.batching import chunks
 from lumos.core.errors import GradientError, InputError
 from lumos.core.explanation import Explanation
@@ -88,7 +88,7 @@ class NeuronMethod(Method):
         batch_size: int | None = None,
     ) -> None:
         super().__init__(model, batch_size=batch_size)
-        ((self.layer_name, self.module),) = resolve_layers(self, layer)
+        self.layer_name, self.module = resolve_one_layer(self, layer)
         if neuron is None:
             raise InputError(
                 f"{self.name} explains one neuron: pass neuron=(channel,), (channel, h, w), a "
