@@ -153,6 +153,17 @@ def test_score_cam_equals_a_naive_per_channel_loop_for_any_batch_size():
         torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_score_cam_scores_constant_channels_with_one_blank_forward():
+    model, x, target = tiny_cnn(), torch.rand(2, 3, 16, 16), torch.tensor([0, 3])
+    with torch.no_grad():  # channels 0-5 of the block output are all zero after its ReLU
+        model.block.bn_b.weight[:6] = 0
+        model.block.bn_b.bias[:6] = -100.0
+        model.conv1.bias[:6] = -100.0
+    expected = score_cam_by_hand(model, x, target, model.block)
+    ours = raw_map("score_cam", model, x, target, layer="block", batch_size=5)
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_score_cam_top_k_scores_only_the_strongest_channels():
     model, x = tiny_cnn(), torch.rand(2, 3, 16, 16)
     full = raw_map("score_cam", model, x, 1)

@@ -157,7 +157,9 @@ class ScoreCAM(_PerChannelCAM):
     Wang et al. (2020), "Score-CAM: Score-Weighted Visual Explanations for Convolutional Neural
     Networks". ``M_k`` = channel k upsampled to the input and min-max scaled to [0, 1];
     ``w = softmax_k(f_c(x ⊙ M_k))``; ``map = Σ_k w_k A_k``. One forward per channel and example,
-    batched by `batch_size` on the model's device. With several inputs, the first is masked.
+    batched by `batch_size` on the model's device (channels that are constant, e.g. all zero
+    after a ReLU, share one forward of the blank input). With several inputs, the first is
+    masked.
 
     Options:
         top_k: only the k channels with the largest activation mass per example are scored
@@ -208,15 +210,28 @@ class ScoreCAM(_PerChannelCAM):
         example = torch.arange(n, device=acts.device).repeat_interleave(k)
         channel = channels.reshape(-1)
         scores = torch.empty(n * k, device=acts.device, dtype=acts.dtype)
+        # a constant channel's mask is 0 everywhere: its score is that of the blank input,
+        # computed once per example instead of once per such channel
+        constant = (acts.amax((2, 3)) == acts.amin((2, 3))).gather(1, channels).reshape(-1)
+        live = (~constant).nonzero().squeeze(1)
         with torch.no_grad():
-            for s in chunks(n * k, self.batch_size):
-                e = example[s]
-                masks = resize(acts[e, channel[s]].unsqueeze(1), tuple(image.shape[-2:]))
+            if constant.any():
+                blank = torch.empty(n, device=acts.device, dtype=acts.dtype)
+                for s in chunks(n, self.batch_size):
+                    rows = [torch.zeros_like(image[s]), *(x[s] for x in ctx.inputs[1:])]
+                    index = torch.arange(s.start, s.stop, device=acts.device)
+                    output = self.call(rows, ctx.structure)
+                    blank[s] = ctx.target.select(output, index).to(acts.dtype)
+                scores[constant] = blank[example[constant]]
+            for s in chunks(len(live), self.batch_size):
+                e, c = example[live[s]], channel[live[s]]
+                masks = resize(acts[e, c].unsqueeze(1), tuple(image.shape[-2:]))
                 low = masks.flatten(1).amin(1).view(-1, 1, 1, 1)
                 high = masks.flatten(1).amax(1).view(-1, 1, 1, 1)
                 masks = ((masks - low) / (high - low + 1e-8)).to(image.dtype)
                 rows = [image[e] * masks, *(x[e] for x in ctx.inputs[1:])]
-                scores[s] = ctx.target.select(self.call(rows, ctx.structure), e).to(acts.dtype)
+                output = self.call(rows, ctx.structure)
+                scores[live[s]] = ctx.target.select(output, e).to(acts.dtype)
         weights = torch.softmax(scores.view(n, k), dim=1)
         chosen = acts.gather(1, channels[:, :, None, None].expand(n, k, h, w))
         return (weights[:, :, None, None] * chosen).sum(1)
