@@ -4,14 +4,20 @@ forward+backward), and ÷ Captum's LRP / DeepLift on the same model, interleaved
 LRP runs as one forward pass plus one modified backward pass, so its floor is the plain
 gradient; DeepLIFT runs the inputs and baselines as one batch of twice the rows, so its floor is
 a gradient of that doubled batch (reported too). `lumos` timings include everything
-`lumos.explain` does (input checks, the forward pass for the target, tracing with torch.fx).
+`lumos.explain` does (input checks, the forward pass for the target, tracing with torch.fx), so
+they are also compared with `lumos.explain(method="saliency")`, which has the same overhead.
+Times are medians of CPU seconds of this process (`time.process_time`), interleaved: the
+benchmark machine is shared, and wall-clock times there move with other people's load (the
+wall-clock medians are saved in the JSON too).
 
 Run: .venv/bin/python benchmarks/bench_propagation.py
 """
 
 from __future__ import annotations
 
+import statistics
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -19,7 +25,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import BasicBlock, interleaved, resnet18, save
+from common import BasicBlock, resnet18, save
 
 import lumos
 
@@ -73,6 +79,22 @@ def models():
     yield "ResNet-18, 2×3×112×112", resnet18_for_captum(), torch.rand(2, 3, 112, 112)
 
 
+def interleaved(candidates: dict, repeats: int = 5) -> tuple[dict, dict]:
+    """Median CPU and wall seconds of each candidate, run round-robin after one warm-up each."""
+    for fn in candidates.values():
+        fn()
+    cpu: dict[str, list[float]] = {name: [] for name in candidates}
+    wall: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            start, start_wall = time.process_time(), time.perf_counter()
+            fn()
+            cpu[name].append(time.process_time() - start)
+            wall[name].append(time.perf_counter() - start_wall)
+    median = statistics.median
+    return {k: median(v) for k, v in cpu.items()}, {k: median(v) for k, v in wall.items()}
+
+
 def gradient(model, x, target):
     rows = x.detach().requires_grad_(True)
     out = model(rows).gather(1, target[:, None]).sum()
@@ -105,10 +127,10 @@ def time_one(label: str, model: nn.Module, x: torch.Tensor) -> dict:
     except Exception as exc:  # Captum's LRP rejects some layer types
         print(f"{label}: captum LRP failed ({exc}); left out")
         del candidates["captum lrp"]
-    times = interleaved(candidates, repeats=5)
+    times, wall = interleaved(candidates, repeats=5)
     print(label, {k: round(v, 3) for k, v in times.items()}, flush=True)
     g, g2 = times["gradient"], times["gradient (2× rows)"]
-    row = {"model": label, "seconds": times}
+    row = {"model": label, "cpu_seconds": times, "wall_seconds": wall}
     row["lrp_epsilon_over_gradient"] = times["lumos lrp epsilon"] / g
     row["lrp_epsilon_plus_over_gradient"] = times["lumos lrp epsilon_plus"] / g
     row["lrp_epsilon_over_lumos_saliency"] = times["lumos lrp epsilon"] / times["lumos saliency"]
@@ -123,12 +145,12 @@ def main() -> None:
     torch.set_num_threads(2)
     rows = [time_one(label, model, x) for label, model, x in models()]
     lines = [
-        "| model | gradient s | LRP-ε s | ÷ gradient | ÷ lumos saliency | ÷ Captum LRP "
-        "| LRP ε/z⁺ ÷ gradient | DeepLIFT s | ÷ gradient of 2× rows | ÷ Captum DeepLift |",
+        "| model | gradient CPU s | LRP-ε CPU s | ÷ gradient | ÷ lumos saliency | ÷ Captum LRP "
+        "| LRP ε/z⁺ ÷ gradient | DeepLIFT CPU s | ÷ gradient of 2× rows | ÷ Captum DeepLift |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        t = r["seconds"]
+        t = r["cpu_seconds"]
         captum_lrp = r.get("lrp_epsilon_over_captum")
         lines.append(
             f"| {r['model']} | {t['gradient']:.3f} | {t['lumos lrp epsilon']:.3f} "
@@ -138,7 +160,7 @@ def main() -> None:
             f"| {r['deeplift_over_gradient_2x']:.2f} | {r['deeplift_over_captum']:.2f} |"
         )
     table = "\n".join(lines) + "\n"
-    save("propagation", {"rows": rows, "threads": 2}, table)
+    save("propagation", {"rows": rows, "threads": 2, "clock": "process_time"}, table)
 
 
 if __name__ == "__main__":

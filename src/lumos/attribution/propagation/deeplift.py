@@ -1,4 +1,4 @@
-"""DeepLIFT (Rescale rule) and DeepLIFT-SHAP on the traced graph.
+"""DeepLIFT (Rescale and RevealCancel rules) and DeepLIFT-SHAP on the traced graph.
 
 The model runs once on the inputs and their baselines stacked into one batch ``[x; x']``; linear
 steps (layers, BatchNorm, sums, average pooling, reshapes) keep their gradient, which is exact
@@ -273,7 +273,7 @@ class _DeepLiftBase(Method):
 
 @register("deeplift", family="propagation", needs={"gradients"})
 class DeepLift(_DeepLiftBase):
-    """DeepLIFT: contributions of input differences from a baseline, by the Rescale rule.
+    """DeepLIFT: contributions of input differences from a baseline (Rescale or RevealCancel).
 
     Shrikumar, Greenside & Kundaje (2017), "Learning Important Features Through Propagating
     Activation Differences". Every nonlinearity passes back ``m = Δy/Δx`` (its derivative where

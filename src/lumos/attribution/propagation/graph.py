@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -178,10 +178,8 @@ class Step:
     path: str
     key: type | None = None
     module: nn.Module | None = None
-    carries: bool = False
     first: bool = False
     output_layer: bool = False
-    info: dict[str, Any] = field(default_factory=dict)
 
 
 class Graph:
@@ -222,7 +220,7 @@ class Graph:
             inputs = node.all_input_nodes
             carrying = node.op == "placeholder" or any(carries.get(n, False) for n in inputs)
             carries[node] = carrying
-            step = Step(node, "constant", _path(node), carries=carrying)
+            step = Step(node, "constant", _path(node))
             if node.op in ("placeholder", "output", "get_attr"):
                 step.kind = node.op
             elif carrying:

@@ -274,19 +274,19 @@ class _Weigh(torch.autograd.Function):
     """Forward: the layer's ordinary output; backward: the rule's coefficients per branch."""
 
     @staticmethod
-    def forward(ctx, output: Tensor, weigh: Callable, live: tuple[int, ...], *outputs: Tensor):
-        ctx.weigh, ctx.live = weigh, live
+    def forward(ctx, output: Tensor, weigh: Callable, n: int, live: tuple[int, ...], *outputs):
+        ctx.weigh, ctx.n, ctx.live = weigh, n, live
         ctx.save_for_backward(output, *outputs)
         return output.view_as(output)
 
     @staticmethod
     def backward(ctx, relevance: Tensor):
         output, *outputs = ctx.saved_tensors
-        full: list[Tensor | float] = [0.0] * (max(ctx.live, default=-1) + 4)
+        full: list[Tensor | float] = [0.0] * ctx.n  # skipped branches contribute z = 0
         for i, z in zip(ctx.live, outputs):
             full[i] = z
         coefficients = ctx.weigh(relevance, full, output)
-        return (None, None, None, *(coefficients[i] for i in ctx.live))
+        return (None, None, None, None, *(coefficients[i] for i in ctx.live))
 
 
 class _PassThrough(torch.autograd.Function):
@@ -340,7 +340,8 @@ def propagate(
     outputs: list[Tensor] = []
     live: list[int] = []
     exact = None
-    for i, branch in enumerate(rule.branches()):
+    branches = rule.branches()
+    for i, branch in enumerate(branches):
         if branch.sign and not branch.bias and _vanishes(xs, branch.sign):
             continue
         values = tuple(
@@ -359,7 +360,7 @@ def propagate(
     if exact is None:
         with torch.no_grad():
             exact = fn(*(x.detach() for x in xs), weight, bias)
-    return _Weigh.apply(exact, rule.weigh, tuple(live), *outputs)
+    return _Weigh.apply(exact, rule.weigh, len(branches), tuple(live), *outputs)
 
 
 def _vanishes(xs: Sequence[Tensor], sign: int) -> bool:
