@@ -154,11 +154,21 @@ def as_masks(masks: Any, like: torch.Tensor) -> torch.Tensor:
 
 
 def ranks(values: torch.Tensor) -> torch.Tensor:
-    """Row-wise ranks (1..F) of a ``(B, F)`` tensor, ties getting their average rank."""
-    ordered = values.sort(dim=1).values
-    low = torch.searchsorted(ordered, values.contiguous(), right=False)
-    high = torch.searchsorted(ordered, values.contiguous(), right=True)
-    return (low + high + 1).to(torch.float64) / 2
+    """Row-wise ranks (1..F) of a ``(B, F)`` tensor, ties getting their average rank.
+
+    One sort per row; tied runs are found with running max/min over the sorted positions.
+    """
+    ordered, order = values.sort(dim=1)
+    f = values.shape[1]
+    position = torch.arange(f, device=values.device).expand_as(order)
+    starts = torch.ones_like(ordered, dtype=torch.bool)
+    starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    ends = torch.ones_like(starts)
+    ends[:, :-1] = starts[:, 1:]
+    first = torch.where(starts, position, 0).cummax(1).values
+    last = torch.where(ends, position, f).flip(1).cummin(1).values.flip(1)
+    average = (first + last).to(torch.float64) / 2 + 1
+    return torch.empty_like(average).scatter_(1, order, average)
 
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -167,11 +177,6 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     b = b.double() - b.double().mean(1, keepdim=True)
     denom = a.norm(dim=1) * b.norm(dim=1)
     return torch.where(denom > 0, (a * b).sum(1) / denom.clamp_min(1e-300), 0.0)
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Row-wise Spearman rank correlation of two ``(B, F)`` tensors."""
-    return pearson(ranks(a.flatten(1)), ranks(b.flatten(1)))
 
 
 # -- running the model --------------------------------------------------------------------------

@@ -31,9 +31,12 @@ from lumos.metrics.base import (
     ModelRunner,
     attribution_map,
     explainer_for,
+    pearson,
+    ranks,
     register_metric,
-    spearman,
 )
+
+MEASURES = ("spearman_abs", "spearman", "ssim")
 
 
 def parameter_layers(model: nn.Module, inputs: torch.Tensor) -> list[str]:
@@ -146,14 +149,30 @@ def similarity(a: Any, b: Any, kind: str = "spearman_abs") -> torch.Tensor:
     summing |a|, as saliency maps are shown); ``spearman``: of the signed maps (channels
     summed); ``ssim``: structural similarity of the magnitude maps.
     """
-    if kind == "spearman":
-        return spearman(attribution_map(a).flatten(1), attribution_map(b).flatten(1))
-    ma, mb = attribution_map(a, "abs_sum").abs(), attribution_map(b, "abs_sum").abs()
-    if kind == "spearman_abs":
-        return spearman(ma.flatten(1), mb.flatten(1))
-    if kind == "ssim":
-        return ssim(ma, mb)
-    raise unknown_name("similarity", kind, ("spearman_abs", "spearman", "ssim"))
+    if kind not in MEASURES:
+        raise unknown_name("similarity", kind, MEASURES)
+    return _Maps(a, (kind,)).similarity(_Maps(b, (kind,)), kind)
+
+
+class _Maps:
+    """The reduced forms of one attribution batch that the similarity measures compare, with
+    their ranks computed once (a trained model's maps are compared at every step)."""
+
+    def __init__(self, attributions: Any, kinds: Sequence[str]) -> None:
+        self.signed = attribution_map(attributions).flatten(1) if "spearman" in kinds else None
+        magnitude = attribution_map(attributions, "abs_sum").abs()
+        self.magnitude = magnitude if magnitude.dim() == 3 else None
+        self.ranks = {
+            "spearman": None if self.signed is None else ranks(self.signed),
+            "spearman_abs": ranks(magnitude.flatten(1)) if "spearman_abs" in kinds else None,
+        }
+
+    def similarity(self, other: _Maps, kind: str) -> torch.Tensor:
+        if kind == "ssim":
+            if self.magnitude is None or other.magnitude is None:
+                raise InputError("SSIM compares 2-D maps (B, H, W); use similarity='spearman'.")
+            return ssim(self.magnitude, other.magnitude)
+        return pearson(self.ranks[kind], other.ranks[kind])
 
 
 @register_metric(
@@ -314,9 +333,6 @@ class SanityCheck:
         )
 
 
-MEASURES = ("spearman_abs", "spearman", "ssim")
-
-
 def sanity_check(
     model: nn.Module,
     inputs: Any,
@@ -360,10 +376,10 @@ def sanity_check(
                 result.errors[method] = str(exc)
                 del maps[method]
     for method, steps in maps.items():
-        trained = steps[0]
+        kinds = [k for k in MEASURES if k != "ssim" or (is_image and steps[0].dim() == 4)]
+        trained = _Maps(steps[0], kinds)
         result.scores[method] = {
-            kind: torch.stack([similarity(trained, after, kind) for after in steps]).float()
-            for kind in MEASURES
-            if kind != "ssim" or (is_image and trained.dim() == 4)
+            kind: torch.stack([trained.similarity(_Maps(a, kinds), kind) for a in steps]).float()
+            for kind in kinds
         }
     return result
