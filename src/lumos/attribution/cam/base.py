@@ -83,11 +83,14 @@ class CAMMethod(Method):
             )
         self.layers = None if layer is None else resolve_layers(self, layer)
         self.relu, self.upsample, self.reshape = bool(relu), bool(upsample), reshape
+        self._recorded: tuple | None = None  # the pipeline's forward pass, until `attribute`
 
     def _config(self) -> dict[str, Any]:
         reshape = self.reshape if not callable(self.reshape) else "callable"
+        names = None if self.layers is None else [name for name, _ in self.layers]
         return {
             **super()._config(),
+            "layer": names[0] if names and len(names) == 1 else names,
             "relu": self.relu,
             "upsample": self.upsample,
             "reshape": reshape,
@@ -141,7 +144,7 @@ class CAMMethod(Method):
     def raw_record(self, ctx: Context, modules: list[nn.Module]):
         """Activations (and, for gradient methods, target gradients) of every layer in the
         layer's own layout, batched over examples by `batch_size`."""
-        recorded, self._recorded = getattr(self, "_recorded", None), None
+        recorded, self._recorded = self._recorded, None
         if recorded is not None and recorded[0] is ctx.inputs:
             _, output, acts = recorded
             if not self.uses_gradients:
