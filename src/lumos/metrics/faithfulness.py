@@ -177,7 +177,7 @@ def insertion(
     target: TargetLike = "predicted",
     *,
     n_steps: int = 32,
-    baseline: Any = "blur",
+    baseline: Any = None,
     patch_size: int = 1,
     batch_size: int | None = BATCH_SIZE,
     seed: int = 0,
@@ -185,10 +185,12 @@ def insertion(
 ) -> torch.Tensor | Curve:
     """Insertion: area under the target probability as the most relevant features are restored.
 
-    Starting from `baseline` (a blurred image by default; pass a number for non-images),
+    Starting from `baseline` (None: a blurred image for images, zeros otherwise),
     ``AUC = ∫₀¹ p_c(baseline with the top-ranked fraction t of features of x) dt``. A faithful
     map makes the probability rise at once: higher is better.
     """
+    if baseline is None:
+        baseline = "blur" if as_batch(inputs, "inputs").dim() == 4 else 0.0
     curve = _curve_metric(
         model,
         inputs,

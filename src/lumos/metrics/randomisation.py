@@ -226,15 +226,15 @@ def random_logit(
     target: TargetLike = "predicted",
     *,
     attributions: Any = None,
-    similarity_measure: str = "ssim",
+    similarity_measure: str | None = None,
     seed: int = 0,
     method_options: dict | None = None,
 ) -> torch.Tensor:
     """Random logit test: similarity of the maps for the target and for a random other class.
 
     ``score = sim(Φ_c(x), Φ_{c'}(x))`` with c' drawn uniformly from the other classes (seeded)
-    and `similarity_measure` ``ssim`` (default, images), ``spearman_abs`` or ``spearman``. A
-    class-sensitive explanation scores low: lower is better.
+    and `similarity_measure` ``ssim`` (the default for images), ``spearman_abs`` (the default
+    otherwise) or ``spearman``. A class-sensitive explanation scores low: lower is better.
     """
     runner = ModelRunner(model, inputs, target)
     explain = explainer_for(explainer, method_options)
@@ -246,6 +246,8 @@ def random_logit(
     generator = torch.Generator(device="cpu").manual_seed(seed)
     shift = torch.randint(1, runner.n_classes, (runner.n,), generator=generator)
     other = (classes + shift) % runner.n_classes
+    if similarity_measure is None:
+        similarity_measure = "ssim" if runner.x.dim() == 4 else "spearman_abs"
     return similarity(attributions, explain(model, runner.x, other), similarity_measure).float()
 
 
