@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from lumos.attribution.baselines import background_set, resolve_baselines
+from lumos.attribution.propagation.canonizers import MergeBatchNorm, canonized
 from lumos.attribution.propagation.graph import Graph, Layer, Step, Strategy, weighted_sum
 from lumos.attribution.propagation.lrp import keys_of, total
 from lumos.core.batching import chunks
@@ -250,24 +251,26 @@ class _DeepLiftBase(Method):
         out = tuple(torch.empty_like(p) for p in pairs)
         f_ref = torch.empty(rows, dtype=torch.float64, device=ctx.device)
         step = None if self.batch_size is None else max(self.batch_size // strategy.copies, 1)
-        for s in chunks(rows, step):
-            m = s.stop - s.start
-            xs = tuple(
-                strategy.rows(p[s], r[s]).detach().requires_grad_(True) for p, r in zip(pairs, refs)
-            )
-            index = example[s].repeat(strategy.copies)
-            with torch.enable_grad():
-                output = output_tensor(graph.run(strategy, xs, keys_of(ctx)))
-                values = ctx.target.select(output, index)
-                if not values.requires_grad:
-                    raise GradientError(
-                        f"{self.name}: the model output does not depend on the inputs through "
-                        "differentiable operations."
-                    )
-                grads = torch.autograd.grad(strategy.seeded(values, m), xs, allow_unused=True)
-            for full, g, p, r in zip(out, grads, pairs, refs):
-                full[s] = 0 if g is None else strategy.contributions(p[s], r[s], g, m)
-            f_ref[s] = strategy.reference_values(values.detach(), m).double()
+        with canonized(graph, (MergeBatchNorm(),)):  # exact for differences; saves passes
+            for s in chunks(rows, step):
+                m = s.stop - s.start
+                xs = tuple(
+                    strategy.rows(p[s], r[s]).detach().requires_grad_(True)
+                    for p, r in zip(pairs, refs)
+                )
+                with torch.enable_grad():
+                    output = output_tensor(graph.run(strategy, xs, keys_of(ctx)))
+                    values = ctx.target.select(output, example[s].repeat(strategy.copies))
+                    if not values.requires_grad:
+                        raise GradientError(
+                            f"{self.name}: the model output does not depend on the inputs "
+                            "through differentiable operations."
+                        )
+                    seed = strategy.seeded(values, m)
+                    grads = torch.autograd.grad(seed, xs, allow_unused=True)
+                for full, g, p, r in zip(out, grads, pairs, refs):
+                    full[s] = 0 if g is None else strategy.contributions(p[s], r[s], g, m)
+                f_ref[s] = strategy.reference_values(values.detach(), m).double()
         return out, f_ref
 
 

@@ -161,11 +161,6 @@ def batchnorm_affine(module: nn.Module) -> tuple[Tensor, Tensor]:
     return scale.detach(), shift.detach()
 
 
-def _channel_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    return x * scale.view(shape) + shift.view(shape)
-
-
 # -- the graph -----------------------------------------------------------------------------------
 
 
@@ -466,8 +461,9 @@ def _functional_layer(target: Any, args: tuple, kwargs: dict) -> Layer:
 
 
 def _bn_fn(module: nn.Module) -> Callable[[Tensor], Tensor]:
-    scale, shift = batchnorm_affine(module)
-    return lambda x: _channel_affine(x, scale, shift)
+    """The eval-mode BatchNorm as one fused call."""
+    mean, var, weight, bias = module.running_mean, module.running_var, module.weight, module.bias
+    return lambda x: F.batch_norm(x, mean, var, weight, bias, False, 0.0, module.eps)
 
 
 def _sum_terms(node: fx.Node, args: tuple) -> tuple[list[Tensor], list[float]]:
