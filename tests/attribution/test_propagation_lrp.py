@@ -358,6 +358,7 @@ class Branching(nn.Module):
         (Gated(), "gating product"),
         (Cumulative(), "cumsum.*register_op"),
         (Branching(), "torch.fx"),
+        (nn.Sequential(nn.Linear(4, 3), nn.Softmax(dim=1)), "logits"),
     ],
 )
 @pytest.mark.parametrize("method", ["lrp", "deeplift", "excitation_backprop"])

@@ -102,6 +102,11 @@ _INPLACE_TO_PLAIN = {
     operator.itruediv: operator.truediv, F.relu_: F.relu, torch.relu_: torch.relu,
 }  # fmt: skip
 
+SOFTMAX_FIX = (
+    "Explain the logits instead: pass the model without its final softmax (relevance of a "
+    "probability is not propagated by these rules)"
+)
+
 _EXTRA: dict[Any, str] = {}
 KINDS = ("activation", "max_pool", "avg_pool", "structural")
 
@@ -252,6 +257,8 @@ class Graph:
                 step.kind = "avg_pool"
             elif isinstance(module, STRUCTURAL_MODULES):
                 step.kind = "structural"
+            elif isinstance(module, (nn.Softmax, nn.LogSoftmax)):
+                raise self._unsupported(step, "softmax", SOFTMAX_FIX)
             else:
                 raise self._unsupported(step, f"the module {type(module).__name__}")
             return
@@ -279,6 +286,8 @@ class Graph:
             if node.kwargs.get("training", node.args[5] if len(node.args) > 5 else False):
                 raise self._unsupported(step, "batch_norm in training mode", "call model.eval()")
             step.kind, step.key = "affine", Affine
+        elif name in (F.softmax, F.log_softmax, torch.softmax, "softmax", "log_softmax"):
+            raise self._unsupported(step, "softmax", SOFTMAX_FIX)
         else:
             raise self._unsupported(step, f"the operation {_name(target)}")
 
