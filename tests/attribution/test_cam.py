@@ -239,6 +239,15 @@ def test_ablation_cam_equals_a_naive_per_channel_loop():
     torch.testing.assert_close(slow.attributions[:, 0], expected, rtol=1e-4, atol=1e-5)
 
 
+def test_ablation_cam_never_runs_user_hooks_on_traced_proxies():
+    model, x = tiny_cnn(), torch.rand(2, 3, 16, 16)
+    seen = []
+    handle = model.block.register_forward_hook(lambda m, args, out: seen.append(type(out)))
+    exp = lumos.explain(model, x, method="ablation_cam", target=1, layer="conv2")
+    handle.remove()
+    assert not exp.extras["short_circuit"] and set(seen) == {torch.Tensor}
+
+
 def test_ablation_cam_short_circuits_around_a_residual_block():
     model, x, target = tiny_cnn(), torch.rand(2, 3, 16, 16), torch.tensor([0, 3])
     expected = ablation_cam_by_hand(model, x, target, model.block)

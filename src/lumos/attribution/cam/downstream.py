@@ -5,8 +5,8 @@ With `torch.fx` the model is traced with the layer as a leaf; the nodes that dep
 form the tail graph, and every other value the tail reads (a residual branch, an input) is
 computed once per batch and cached (no extra pass when there is none, as in a plain stack). The
 tail is checked against the model's own outputs; models that cannot be traced (data-dependent
-control flow, keyword inputs) or fail the check run the full model instead, with the layer's
-output replaced by the given activations.
+control flow, keyword inputs), that carry forward hooks, or that fail the check run the full model
+instead, with the layer's output replaced by the given activations.
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ class Downstream:
         self.method, self.module, self.ctx = method, module, ctx
         self.tail: fx.GraphModule | None = None
         self.upstream: list[tuple[Any, bool]] = []
-        if ctx.structure.kind != "dict":
+        # tracing would run the user's hooks on proxies, so hooked models take the full path
+        hooked = any(m._forward_hooks or m._forward_pre_hooks for m in method.model.modules())
+        if ctx.structure.kind != "dict" and not hooked:
             self._build(name, activations)
 
     @property
