@@ -35,6 +35,16 @@ def test_ssim_and_spearman_of_identical_maps_are_one():
     torch.testing.assert_close(similarity(maps, 2 * maps + 1, "spearman"), torch.ones(3).double())
 
 
+def test_ranks_average_ties_like_scipy():
+    from scipy.stats import rankdata
+
+    from lumos.metrics.base import ranks
+
+    values = torch.randint(0, 6, (4, 30), generator=torch.Generator().manual_seed(0)).double()
+    expected = torch.tensor(rankdata(values.numpy(), axis=1))
+    torch.testing.assert_close(ranks(values), expected)
+
+
 def test_ssim_matches_scikit_image():
     from skimage.metrics import structural_similarity
 
@@ -94,9 +104,9 @@ def test_independent_randomisation_changes_one_layer_per_step():
 
 
 def test_sanity_check_reproduces_adebayo_on_the_shapes_model():
-    """Saliency and Grad-CAM lose their maps when the model is randomised; guided backprop's
-    signed maps stay markedly closer to the trained ones all down the cascade (on `shapes` they
-    fall too once the input convolution itself is redrawn, after ~0.5 one step before)."""
+    """Saliency and Grad-CAM lose their maps when the model is randomised, while guided
+    backprop's stay markedly closer to the trained maps down the cascade (on `shapes` they fall
+    too once the first convolutions themselves are redrawn)."""
     bundle = lumos.zoo.load("shapes")
     x, y, _ = bundle.test_batch(8, seed=0)
     check = M.sanity_check(
@@ -107,13 +117,13 @@ def test_sanity_check_reproduces_adebayo_on_the_shapes_model():
         method_options={"grad_cam": {"layer": bundle.default_layer}},
     )
     assert not check.errors and check.layers[0] == "classifier"
-    print({m: [round(v, 2) for v in check.mean(m, "spearman").tolist()] for m in check.scores})
+    print({m: [round(v, 2) for v in check.mean(m, "ssim").tolist()] for m in check.scores})
     for measure in ("spearman_abs", "spearman"):
         final = check.final(measure)
         assert abs(final["saliency"]) < 0.2 and abs(final["grad_cam"]) < 0.2
-    signed = {m: check.mean(m, "spearman")[1:] for m in check.scores}
-    others = torch.maximum(signed["saliency"], signed["grad_cam"])
-    assert (signed["guided_backprop"] >= others).all()
-    assert (signed["guided_backprop"] - others).mean() > 0.25
-    assert signed["guided_backprop"][-2] > 0.4
+    ssim = {m: check.mean(m, "ssim")[1:] for m in check.scores}
+    others = torch.maximum(ssim["saliency"], ssim["grad_cam"])
+    assert (ssim["guided_backprop"] - others).mean() > 0.2
+    half = len(check.layers) // 2  # the top half of the layers randomised
+    assert ssim["guided_backprop"][half] > 0.5 and others[half] < 0.3
     assert "data:image/png;base64," in check.to_html()
