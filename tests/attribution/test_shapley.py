@@ -175,3 +175,25 @@ def test_waterfall_figure_shows_feature_names(problem):
     assert all(label in names for label in labels[:-1])
     with pytest.raises(InputError, match="names"):
         waterfall_figure(exp, names[:2])
+
+
+def test_tuple_and_dict_inputs_share_one_set_of_players():
+    from models import TwoInputModel
+
+    torch.manual_seed(0)
+    model = TwoInputModel().eval()
+    a, b = torch.randn(2, 4), torch.randn(2, 2)
+    exp = lumos.explain(model, (a, b), method="exact_shapley", target=0)
+    assert exp.extras["n_players"] == 6 and exp.delta.abs().max() < 1e-6
+    as_dict = lumos.explain(model, {"a": a, "b": b}, method="kernel_shap", target=0)
+    torch.testing.assert_close(as_dict.attributions["a"], exp.attributions[0])
+    torch.testing.assert_close(as_dict.attributions["b"], exp.attributions[1])
+    # the linear input's values are closed-form: w·(a − 0)
+    torch.testing.assert_close(exp.attributions[0], a * model.a.weight[0].detach())
+
+
+def test_progress_bar_runs(capsys):
+    pytest.importorskip("tqdm")
+    exp = KernelShap(mlp(6), progress=True, batch_size=16).explain(torch.randn(1, 6), 0)
+    assert exp.delta.abs().max() < 1e-6
+    assert "kernel_shap" in capsys.readouterr().err

@@ -119,10 +119,14 @@ class Players:
         """For rows with player states `on` (R, M) bool, which elements of each input are on
         (one (R, D_i) bool tensor per input, rows belonging to `example_index`)."""
         result = []
+        first = example_index[:1]
+        single = bool((example_index == first).all())
         for mask in self.masks:
             flat = mask.reshape(mask.shape[0], -1)
-            flat = flat[example_index] if flat.shape[0] > 1 else flat.expand(len(on), -1)
-            result.append(on.gather(1, flat))
+            if flat.shape[0] == 1 or single:  # one mask for all rows: a cheap column lookup
+                result.append(on.index_select(1, flat[first][0] if flat.shape[0] > 1 else flat[0]))
+            else:
+                result.append(on.gather(1, flat[example_index]))
         return tuple(result)
 
     def sizes(self) -> torch.Tensor:
@@ -322,10 +326,18 @@ class BlackBoxMethod(Method):
             r = torch.arange(s.start, s.stop, device=ctx.device)
             e, c, j = r // (n_coal * k), (r // k) % n_coal, r % k
             on = players.on_elements(coalitions[c], e)
+            # a chunk inside one example (and one shared reference) needs no row copies
+            first, last = s.start // (n_coal * k), (s.stop - 1) // (n_coal * k)
+            single = first == last
             rows = []
             for x, ref, mask in zip(ctx.inputs, refs, on):
-                ref_rows = ref[e if ref.shape[0] > 1 else torch.zeros_like(e), j]
-                rows.append(torch.where(mask.view(-1, *x.shape[1:]), x[e], ref_rows))
+                x_rows = x[first : first + 1].expand(len(r), *x.shape[1:]) if single else x[e]
+                if k == 1 and (ref.shape[0] == 1 or single):
+                    ref_rows = ref[first if ref.shape[0] > 1 else 0, :1]
+                    ref_rows = ref_rows.expand(len(r), *x.shape[1:])
+                else:
+                    ref_rows = ref[e if ref.shape[0] > 1 else torch.zeros_like(e), j]
+                rows.append(torch.where(mask.view(-1, *x.shape[1:]), x_rows, ref_rows))
             return rows
 
         values = self.evaluate(ctx, make_rows, example)

@@ -45,7 +45,7 @@ class ContextualImportanceUtility(BlackBoxMethod):
         self,
         model: Callable,
         *,
-        n_samples: int = 16,
+        n_samples: int = 8,
         output_range: tuple[float, float] | None = None,
         progress: bool = False,
         batch_size: int | None = None,

@@ -89,7 +89,8 @@ class Lime(BlackBoxMethod):
             the input and the baselines, as for images.
 
     Options:
-        n_samples: perturbed samples per example (model evaluations), the first being x.
+        n_samples: perturbed samples per example (model evaluations), the first being x
+            (the `lime` package uses 1000; 500 keeps the demo interactive).
         kernel_width: σ of the kernel; None uses the mode's default above.
         alpha: ridge penalty of the surrogate (1.0 as in the `lime` package).
         segmentation: ``slic`` | ``quickshift`` | ``felzenszwalb`` or a callable on one
@@ -101,7 +102,7 @@ class Lime(BlackBoxMethod):
         self,
         model: Callable,
         *,
-        n_samples: int = 1000,
+        n_samples: int = 500,
         kernel_width: float | None = None,
         alpha: float = 1.0,
         segmentation: str | Callable = "slic",

@@ -200,7 +200,8 @@ class Rise(BlackBoxMethod):
     (`feature_mask`). S estimates ``E[f(x ⊙ M) | M(j) = 1]`` (up to the 1/p scale).
 
     Options:
-        n_masks: the number of random masks (model evaluations per example).
+        n_masks: the number of random masks (model evaluations per example); the paper uses
+            thousands on ImageNet, the default 500 keeps small images interactive.
         cells: grid resolution of the image masks.
         p: probability that a cell (player) is kept.
         baselines (call): what masked elements become (r; default zeros, as in the paper).
@@ -211,7 +212,7 @@ class Rise(BlackBoxMethod):
         self,
         model: Callable,
         *,
-        n_masks: int = 1000,
+        n_masks: int = 500,
         cells: int = 7,
         p: float = 0.5,
         seed: int = 0,

@@ -32,6 +32,22 @@ from lumos.core.registry import register
 from lumos.core.targets import TargetLike
 
 MAX_EXACT_PLAYERS = 20
+# elements per example above which the default budget is the image one (every evaluation is
+# then a CNN forward pass, and the demo must stay interactive)
+_LARGE_INPUT = 1000
+
+
+def default_budget(n_samples: int | None, ctx: Context, m: int) -> int:
+    """`n_samples`, or when None: SHAP's default 2·M + 2048 for small inputs (tables, short
+    token sequences), 512 for large ones (images)."""
+    if n_samples is not None:
+        return n_samples
+    elements = sum(int(x[0].numel()) for x in ctx.inputs)
+    return 512 if elements > _LARGE_INPUT else 2 * m + 2048
+
+
+def check_budget(n_samples: int | None) -> int | None:
+    return None if n_samples is None else check_count(n_samples, "n_samples")
 
 
 class ShapleyMethod(BlackBoxMethod):
@@ -163,7 +179,9 @@ class KernelShap(ShapleyMethod):
 
     Options:
         n_samples: coalitions evaluated per example besides the empty and full ones (the
-            budget; with a background set of K rows each costs K model rows).
+            budget; with a background set of K rows each costs K model rows). None: SHAP's
+            2·M + 2048 for inputs of at most 1,000 elements per example, 512 for larger ones
+            (images, where each evaluation is a CNN forward pass).
         tol: stop early once every example's largest standard error is below `tol` × the
             range of its values (Covert & Lee use 0.01); None uses the whole budget.
         n_bootstrap: bootstrap replicates for the standard errors.
@@ -173,7 +191,7 @@ class KernelShap(ShapleyMethod):
         self,
         model: Callable,
         *,
-        n_samples: int = 2048,
+        n_samples: int | None = None,
         tol: float | None = None,
         n_bootstrap: int = 32,
         seed: int = 0,
@@ -181,7 +199,7 @@ class KernelShap(ShapleyMethod):
         batch_size: int | None = None,
     ) -> None:
         super().__init__(model, seed=seed, progress=progress, batch_size=batch_size)
-        self.n_samples = check_count(n_samples, "n_samples")
+        self.n_samples = check_budget(n_samples)
         self.n_bootstrap = check_count(n_bootstrap, "n_bootstrap", 2)
         if tol is not None and not (isinstance(tol, (int, float)) and tol > 0):
             raise InputError(f"tol must be a positive number or None, got {tol!r}.")
@@ -192,11 +210,12 @@ class KernelShap(ShapleyMethod):
 
     def shapley_values(self, ctx, players, refs, v0, v1):
         m = players.n_players
-        if m <= MAX_EXACT_PLAYERS and 2**m - 2 <= self.n_samples:
+        budget = default_budget(self.n_samples, ctx, m)
+        if m <= MAX_EXACT_PLAYERS and 2**m - 2 <= budget:
             phi, extras = self.exact(ctx, players, refs)
             return phi, torch.zeros_like(phi), extras
         device = ctx.device
-        plan = coalition_plan(m, self.n_samples, self.generator())
+        plan = coalition_plan(m, budget, self.generator())
         total = v1 - v0
         a_enum = torch.zeros(m, m, dtype=torch.float64, device=device)
         b_enum = torch.zeros(ctx.n, m, dtype=torch.float64, device=device)
@@ -329,27 +348,29 @@ class ShapleySampling(ShapleyMethod):
 
     Options:
         n_samples: model evaluations per example (the budget): ``n_samples // (M − 1)``
-            permutations, rounded down to pairs (at least one pair).
+            permutations, rounded down to pairs (at least one pair). None: as `kernel_shap`
+            (2·M + 2048 for small inputs, 512 for images).
     """
 
     def __init__(
         self,
         model: Callable,
         *,
-        n_samples: int = 2048,
+        n_samples: int | None = None,
         seed: int = 0,
         progress: bool = False,
         batch_size: int | None = None,
     ) -> None:
         super().__init__(model, seed=seed, progress=progress, batch_size=batch_size)
-        self.n_samples = check_count(n_samples, "n_samples")
+        self.n_samples = check_budget(n_samples)
 
     def _config(self) -> dict[str, Any]:
         return {**super()._config(), "n_samples": self.n_samples}
 
     def shapley_values(self, ctx, players, refs, v0, v1):
         m, n = players.n_players, ctx.n
-        n_perm = max(2, 2 * (self.n_samples // (2 * max(m - 1, 1))))
+        budget = default_budget(self.n_samples, ctx, m)
+        n_perm = max(2, 2 * (budget // (2 * max(m - 1, 1))))
         forward = torch.rand(n_perm // 2, m, generator=self.generator()).argsort(1)
         perms = torch.stack([forward, forward.flip(1)], 1).reshape(n_perm, m)
         ranks = perms.argsort(1)
