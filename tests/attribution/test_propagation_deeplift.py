@@ -43,6 +43,16 @@ def test_deeplift_shap_sums_to_delta_against_the_background_mean():
     assert torch.allclose(exp.attributions.flatten(1).sum(1), expected.detach(), atol=1e-4)
 
 
+def test_deeplift_shap_does_not_depend_on_batch_size():
+    model = tiny_cnn().double()
+    x, background = torch.rand(3, 3, 16, 16).double(), torch.rand(4, 3, 16, 16).double()
+    options = {"method": "deeplift_shap", "target": 1, "baselines": background}
+    a = lumos.explain(model, x, **options)
+    b = lumos.explain(model, x, batch_size=3, **options)
+    assert torch.allclose(a.attributions, b.attributions, atol=1e-12)
+    assert torch.allclose(a.delta, b.delta, atol=1e-12)
+
+
 def test_deeplift_shap_needs_a_background_set():
     with pytest.raises(InputError, match="background"):
         lumos.explain(tiny_cnn(), torch.rand(2, 3, 16, 16), method="deeplift_shap", target=0)

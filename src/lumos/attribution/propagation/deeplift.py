@@ -241,26 +241,25 @@ class _DeepLiftBase(Method):
         return {**super()._config(), "rule": self.rule}
 
     def multipliers(
-        self, ctx: Context, graph: Graph, pairs: tuple[Tensor, ...], refs: tuple[Tensor, ...],
-        example: Tensor,
+        self, ctx: Context, graph: Graph, refs: tuple[Tensor, ...], example: Tensor,
+        reference: Tensor,
     ) -> tuple[tuple[Tensor, ...], Tensor]:  # fmt: skip
-        """Contributions ``(x − x') ⊙ m`` of each (input row, reference row) pair, in chunks,
-        and the target's value at each reference row."""
+        """DeepLIFT for the pairs (input row `example[i]`, reference row `reference[i]`), built
+        chunk by chunk: the contributions ``(x − x') ⊙ m`` summed per input example, and the
+        target's value at each pair's reference."""
         strategy = RULES[self.rule]()
-        rows = int(pairs[0].shape[0])
-        out = tuple(torch.empty_like(p) for p in pairs)
+        rows = int(example.shape[0])
+        totals = tuple(torch.zeros_like(x) for x in ctx.inputs)
         f_ref = torch.empty(rows, dtype=torch.float64, device=ctx.device)
         step = None if self.batch_size is None else max(self.batch_size // strategy.copies, 1)
         with canonized(graph, (MergeBatchNorm(),)):  # exact for differences; saves passes
             for s in chunks(rows, step):
-                m = s.stop - s.start
-                xs = tuple(
-                    strategy.rows(p[s], r[s]).detach().requires_grad_(True)
-                    for p, r in zip(pairs, refs)
-                )
+                m, e = s.stop - s.start, example[s]
+                pairs = tuple((x[e], r[reference[s]]) for x, r in zip(ctx.inputs, refs))
+                xs = tuple(strategy.rows(x, r).requires_grad_(True) for x, r in pairs)
                 with torch.enable_grad():
                     output = output_tensor(graph.run(strategy, xs, keys_of(ctx)))
-                    values = ctx.target.select(output, example[s].repeat(strategy.copies))
+                    values = ctx.target.select(output, e.repeat(strategy.copies))
                     if not values.requires_grad:
                         raise GradientError(
                             f"{self.name}: the model output does not depend on the inputs "
@@ -268,10 +267,11 @@ class _DeepLiftBase(Method):
                         )
                     seed = strategy.seeded(values, m)
                     grads = torch.autograd.grad(seed, xs, allow_unused=True)
-                for full, g, p, r in zip(out, grads, pairs, refs):
-                    full[s] = 0 if g is None else strategy.contributions(p[s], r[s], g, m)
+                for total_, g, (x, r) in zip(totals, grads, pairs):
+                    if g is not None:
+                        total_.index_add_(0, e, strategy.contributions(x, r, g, m))
                 f_ref[s] = strategy.reference_values(values.detach(), m).double()
-        return out, f_ref
+        return totals, f_ref
 
 
 @register("deeplift", family="propagation", needs={"gradients"})
@@ -302,7 +302,7 @@ class DeepLift(_DeepLiftBase):
         graph = Graph(self.model, self.name)
         refs = resolve_baselines(baselines, ctx.inputs, ctx.structure)
         index = torch.arange(ctx.n, device=ctx.device)
-        attributions, f_ref = self.multipliers(ctx, graph, ctx.inputs, refs, index)
+        attributions, f_ref = self.multipliers(ctx, graph, refs, index, index)
         delta = total(attributions) - (ctx.target_values().double() - f_ref)
         return Attribution(attributions, delta=delta)
 
@@ -332,10 +332,8 @@ class DeepLiftShap(_DeepLiftBase):
         n, k = ctx.n, int(background[0].shape[0])
         example = torch.arange(n, device=ctx.device).repeat_interleave(k)
         reference = torch.arange(k, device=ctx.device).repeat(n)
-        pairs = tuple(x[example] for x in ctx.inputs)
-        refs = tuple(b[reference] for b in background)
-        per_pair, f_refs = self.multipliers(ctx, graph, pairs, refs, example)
-        attributions = tuple(a.view(n, k, *a.shape[1:]).mean(1) for a in per_pair)
+        sums, f_refs = self.multipliers(ctx, graph, background, example, reference)
+        attributions = tuple(a / k for a in sums)
         f_bg = f_refs.view(n, k).mean(1)
         delta = total(attributions) - (ctx.target_values().double() - f_bg)
         return Attribution(attributions, delta=delta)
