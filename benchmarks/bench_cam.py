@@ -197,6 +197,15 @@ def pytorch_grad_cam():
         return None
 
 
+def peer(cls, model, layer, x, targets, batch_size=None):
+    """One pytorch-grad-cam call; its hooks are removed afterwards, so they never slow the
+    other contestants down."""
+    with cls(model=model, target_layers=[layer]) as cam:
+        if batch_size is not None:
+            cam.batch_size = batch_size
+        return cam(input_tensor=x, targets=targets)
+
+
 def best_times(fns: dict, repeats: int) -> tuple[dict, dict]:
     """The fastest of `repeats` interleaved runs of every function (robust to other load on
     the machine), and each function's last result."""
@@ -248,8 +257,7 @@ def bench_batch(model, gc, n: int, size: int, quick: bool) -> list[dict]:
         "reference": lambda: reference_grad_cam(model, layer, x, y),
     }
     if gc is not None:
-        cam = gc.GradCAM(model=model, target_layers=[layer])
-        fns["pytorch-grad-cam"] = lambda: cam(input_tensor=x, targets=targets)
+        fns["pytorch-grad-cam"] = lambda: peer(gc.GradCAM, model, layer, x, targets)
     rows.append(record("grad_cam", n, size, best_times(fns, 3 if quick else 15)[0]))
     if n == 8:  # the per-channel methods cost one forward per channel and example
         return rows
@@ -267,9 +275,7 @@ def bench_batch(model, gc, n: int, size: int, quick: bool) -> list[dict]:
         ),
     }
     if gc is not None:
-        score = gc.ScoreCAM(model=model, target_layers=[layer])
-        score.batch_size = 64
-        fns["pytorch-grad-cam"] = lambda: score(input_tensor=x, targets=targets)
+        fns["pytorch-grad-cam"] = lambda: peer(gc.ScoreCAM, model, layer, x, targets, 64)
     else:
         fns["reference"] = lambda: reference_score_cam(model, layer, x, y)
     times, results = best_times(fns, 1)
@@ -295,8 +301,7 @@ def bench_batch(model, gc, n: int, size: int, quick: bool) -> list[dict]:
         "reference": lambda: reference_ablation_cam(model, layer, x, y),
     }
     if gc is not None:
-        ablation = gc.AblationCAM(model=model, target_layers=[layer], batch_size=64)
-        fns["pytorch-grad-cam"] = lambda: ablation(input_tensor=x, targets=targets)
+        fns["pytorch-grad-cam"] = lambda: peer(gc.AblationCAM, model, layer, x, targets, 64)
     rows.append(record("ablation_cam", n, size, best_times(fns, 1 if quick else 2)[0]))
     return rows
 

@@ -242,7 +242,12 @@ def test_ablation_cam_equals_a_naive_per_channel_loop():
 def test_ablation_cam_never_runs_user_hooks_on_traced_proxies():
     model, x = tiny_cnn(), torch.rand(2, 3, 16, 16)
     seen = []
-    handle = model.block.register_forward_hook(lambda m, args, out: seen.append(type(out)))
+    record = lambda m, args, out: seen.append(type(out))  # noqa: E731
+    handle = model.fc.register_forward_hook(record)  # a leaf: the tail runs it on tensors
+    exp = lumos.explain(model, x, method="ablation_cam", target=1, layer="conv2")
+    assert exp.extras["short_circuit"]
+    handle.remove()
+    handle = model.block.register_forward_hook(record)  # traced through: full forwards instead
     exp = lumos.explain(model, x, method="ablation_cam", target=1, layer="conv2")
     handle.remove()
     assert not exp.extras["short_circuit"] and set(seen) == {torch.Tensor}

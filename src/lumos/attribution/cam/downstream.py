@@ -5,8 +5,8 @@ With `torch.fx` the model is traced with the layer as a leaf; the nodes that dep
 form the tail graph, and every other value the tail reads (a residual branch, an input) is
 computed once per batch and cached (no extra pass when there is none, as in a plain stack). The
 tail is checked against the model's own outputs; models that cannot be traced (data-dependent
-control flow, keyword inputs), that carry forward hooks, or that fail the check run the full model
-instead, with the layer's output replaced by the given activations.
+control flow, keyword inputs), with forward hooks on modules the tracer steps into, or that fail
+the check run the full model instead, with the layer's output replaced by the given activations.
 """
 
 from __future__ import annotations
@@ -35,9 +35,7 @@ class Downstream:
         self.method, self.module, self.ctx = method, module, ctx
         self.tail: fx.GraphModule | None = None
         self.upstream: list[tuple[Any, bool]] = []
-        # tracing would run the user's hooks on proxies, so hooked models take the full path
-        hooked = any(m._forward_hooks or m._forward_pre_hooks for m in method.model.modules())
-        if ctx.structure.kind != "dict" and not hooked:
+        if ctx.structure.kind != "dict":
             self._build(name, activations)
 
     @property
@@ -66,8 +64,16 @@ class Downstream:
             def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
                 return m is module or super().is_leaf_module(m, qualname)
 
+        tracer = Tracer()
+        # tracing runs the hooks of modules it steps into on proxies: such models take the
+        # full path (hooks on leaf modules are fine, they run on tensors in the tail)
+        if any(
+            (m._forward_hooks or m._forward_pre_hooks) and not tracer.is_leaf_module(m, path)
+            for path, m in self.method.model.named_modules()
+        ):
+            return
         try:
-            graph = Tracer().trace(self.method.model)
+            graph = tracer.trace(self.method.model)
             root = fx.GraphModule(self.method.model, graph)
         except Exception:  # not traceable: fall back to full forwards
             return
