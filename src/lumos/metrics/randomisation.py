@@ -379,9 +379,9 @@ def sanity_check(
                 del maps[method]
     for method, steps in maps.items():
         kinds = [k for k in MEASURES if k != "ssim" or (is_image and steps[0].dim() == 4)]
-        trained = _Maps(steps[0], kinds)
+        prepared = [_Maps(a, kinds) for a in steps]
         result.scores[method] = {
-            kind: torch.stack([trained.similarity(_Maps(a, kinds), kind) for a in steps]).float()
+            kind: torch.stack([prepared[0].similarity(m, kind) for m in prepared]).float()
             for kind in kinds
         }
     return result
