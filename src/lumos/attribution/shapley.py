@@ -435,14 +435,9 @@ def waterfall_figure(
         start -= value
         color = "#d62728" if value >= 0 else "#1f77b4"
         ax.barh(y, value, left=start, color=color, height=0.6)
-        ax.text(
-            start + value,
-            y,
-            f" {value:+.3g}",
-            va="center",
-            ha="left" if value >= 0 else "right",
-            fontsize=8,
-        )
+        right = max(start, start + value)
+        ax.text(right, y, f" {value:+.3g}", va="center", ha="left", fontsize=8)
+    ax.margins(x=0.12)
     ax.set_yticks(y_positions)
     ax.set_yticklabels(labels)
     ax.invert_yaxis()
