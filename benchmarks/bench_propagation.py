@@ -6,16 +6,15 @@ gradient; DeepLIFT runs the inputs and baselines as one batch of twice the rows,
 a gradient of that doubled batch (reported too). `lumos` timings include everything
 `lumos.explain` does (input checks, the forward pass for the target, tracing with torch.fx), so
 they are also compared with `lumos.explain(method="saliency")`, which has the same overhead.
-Times are medians of CPU seconds of this process (`time.process_time`), interleaved: the
-benchmark machine is shared, and wall-clock times there move with other people's load (the
-wall-clock medians are saved in the JSON too).
+Times are the minimum over interleaved repeats of CPU seconds of this process
+(`time.process_time`): the benchmark machine is shared, and wall-clock times there move with
+other people's load (the wall-clock minima are saved in the JSON too).
 
 Run: .venv/bin/python benchmarks/bench_propagation.py
 """
 
 from __future__ import annotations
 
-import statistics
 import sys
 import time
 import warnings
@@ -80,7 +79,7 @@ def models():
 
 
 def interleaved(candidates: dict, repeats: int = 5) -> tuple[dict, dict]:
-    """Median CPU and wall seconds of each candidate, run round-robin after one warm-up each."""
+    """Minimum CPU and wall seconds of each candidate, run round-robin after one warm-up each."""
     for fn in candidates.values():
         fn()
     cpu: dict[str, list[float]] = {name: [] for name in candidates}
@@ -91,8 +90,7 @@ def interleaved(candidates: dict, repeats: int = 5) -> tuple[dict, dict]:
             fn()
             cpu[name].append(time.process_time() - start)
             wall[name].append(time.perf_counter() - start_wall)
-    median = statistics.median
-    return {k: median(v) for k, v in cpu.items()}, {k: median(v) for k, v in wall.items()}
+    return {k: min(v) for k, v in cpu.items()}, {k: min(v) for k, v in wall.items()}
 
 
 def gradient(model, x, target):
@@ -127,7 +125,7 @@ def time_one(label: str, model: nn.Module, x: torch.Tensor) -> dict:
     except Exception as exc:  # Captum's LRP rejects some layer types
         print(f"{label}: captum LRP failed ({exc}); left out")
         del candidates["captum lrp"]
-    times, wall = interleaved(candidates, repeats=5)
+    times, wall = interleaved(candidates, repeats=7)
     print(label, {k: round(v, 3) for k, v in times.items()}, flush=True)
     g, g2 = times["gradient"], times["gradient (2× rows)"]
     row = {"model": label, "cpu_seconds": times, "wall_seconds": wall}
