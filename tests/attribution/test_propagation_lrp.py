@@ -421,3 +421,12 @@ def test_in_place_residual_add_on_a_reused_in_place_relu_is_conserved():
     x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
     exp = lrp(model, x, 1, composite="epsilon", epsilon=1e-9)
     assert (exp.delta.abs() <= 1e-4 * model(x)[:, 1].detach().abs()).all()
+
+
+def test_lrp_does_not_depend_on_batch_size():
+    model = tiny_cnn().double()
+    x = torch.rand(3, 3, 16, 16, dtype=torch.float64)
+    a = lrp(model, x, 2, composite="epsilon_gamma_box")
+    b = lrp(model, x, 2, composite="epsilon_gamma_box", batch_size=2)
+    assert torch.allclose(a.attributions, b.attributions, atol=1e-12)
+    assert torch.allclose(a.delta, b.delta, atol=1e-12)
