@@ -74,7 +74,6 @@ class Downstream:
             return
         try:
             graph = tracer.trace(self.method.model)
-            root = fx.GraphModule(self.method.model, graph)
         except Exception:  # not traceable: fall back to full forwards
             return
         nodes = list(graph.nodes)
@@ -106,7 +105,8 @@ class Downstream:
                     if a not in env:
                         env[a] = tail.node_copy(a)
                 env[node] = tail.node_copy(node, lambda a: env[a])
-        values = _capture(root, external, ctx.inputs) if external else []
+        model = self.method.model
+        values = _capture(fx.GraphModule(model, graph), external, ctx.inputs) if external else []
         if values is None:
             return
         upstream = []
@@ -115,7 +115,7 @@ class Downstream:
             if batched and not (isinstance(value, torch.Tensor) and value.shape[:1] == (ctx.n,)):
                 return
             upstream.append((value, batched))
-        self.tail, self.upstream = fx.GraphModule(root, tail), upstream
+        self.tail, self.upstream = fx.GraphModule(model, tail), upstream
         index = torch.arange(ctx.n, device=ctx.device)
         with torch.no_grad():
             check = ctx.target.select(self(activations, index), index)
