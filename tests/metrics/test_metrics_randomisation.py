@@ -123,7 +123,8 @@ def test_sanity_check_reproduces_adebayo_on_the_shapes_model():
         assert abs(final["saliency"]) < 0.2 and abs(final["grad_cam"]) < 0.2
     ssim = {m: check.mean(m, "ssim")[1:] for m in check.scores}
     others = torch.maximum(ssim["saliency"], ssim["grad_cam"])
-    assert (ssim["guided_backprop"] - others).mean() > 0.2
-    half = len(check.layers) // 2  # the top half of the layers randomised
-    assert ssim["guided_backprop"][half] > 0.5 and others[half] < 0.3
+    gap = ssim["guided_backprop"] - others
+    assert gap.mean() > 0.15 and (gap > 0).float().mean() >= 0.8
+    half = len(check.layers) // 2  # while the top half of the layers is randomised
+    assert ssim["guided_backprop"][:half].min() > 0.45 > others[2:half].max()
     assert "data:image/png;base64," in check.to_html()
