@@ -114,3 +114,29 @@ def test_bad_explain_arguments_fail_with_a_message(tmp_path, args, message):
     torch.save(torch.rand(1, 3, 16, 16), tmp_path / "x.pt")
     result = runner.invoke(app, ["explain", "--input", str(tmp_path / "x.pt"), *args])
     assert result.exit_code == 2 and message in result.output
+
+
+def test_evaluate_ranks_methods_on_a_users_model_and_data(tmp_path):
+    torch.save(torch.rand(4, 3, 16, 16), tmp_path / "x.pt")
+    torch.save(torch.tensor([0, 1, 2, 3]), tmp_path / "y.pt")
+    result = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--model",
+            "test_cli:factory",
+            "--data",
+            str(tmp_path / "x.pt"),
+            "--labels",
+            str(tmp_path / "y.pt"),
+            "--methods",
+            "saliency,integrated_gradients",
+            "--metrics",
+            "deletion,sparseness",
+            "--out",
+            str(tmp_path / "eval"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "eval" / "index.html").read_text()
+    assert "saliency" in page and "deletion" in page and "mean_rank" in result.output

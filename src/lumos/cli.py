@@ -32,15 +32,28 @@ def demo(
         "", "--methods", help="Comma-separated method names (default: every applicable one)."
     ),
     seed: int = typer.Option(0, "--seed", help="Which test images (and method seeds)."),
+    evaluation: bool = typer.Option(
+        True, "--evaluation/--no-evaluation", help="Rank the methods and run the sanity check."
+    ),
+    tabular: bool = typer.Option(
+        True, "--tabular/--no-tabular", help="Add the tabular model's Shapley values."
+    ),
 ) -> None:
-    """Explain the `shapes` zoo model with every applicable method; write an HTML report."""
+    """Explain the `shapes` zoo model with every applicable method, rank them with the trust
+    metrics, and write a self-contained HTML report."""
     from lumos.report.demo import run_demo
 
     only = [m.strip() for m in methods.split(",") if m.strip()] or None
     try:
         with console.status("starting") as status:
             run = run_demo(
-                out, n_images=n_images, methods=only, seed=seed, log=lambda m: status.update(m)
+                out,
+                n_images=n_images,
+                methods=only,
+                seed=seed,
+                evaluation=evaluation,
+                tabular=tabular,
+                log=lambda m: status.update(m),
             )
     except LumosError as exc:
         _fail(exc)
@@ -119,6 +132,77 @@ def explain(
         exp.save(save)
     console.print(f"{exp!r}")
     typer.echo(str(out.resolve()))
+
+
+@app.command()
+def evaluate(
+    model: str = typer.Option(
+        ..., "--model", help="zoo:NAME, a TorchScript file, or package.module:factory."
+    ),
+    data: str = typer.Option(
+        ..., "--data", help="Inputs: a .pt/.npy/.safetensors tensor file, or zoo:NAME (its tests)."
+    ),
+    labels: Path = typer.Option(None, "--labels", help="Targets per example (default: predicted)."),
+    masks: Path = typer.Option(None, "--masks", help="Ground-truth masks (enables localisation)."),
+    methods: str = typer.Option("", "--methods", help="Comma-separated methods (default: all)."),
+    metrics: str = typer.Option("", "--metrics", help="Comma-separated metrics (default set)."),
+    layer: str = typer.Option(None, "--layer", help="Layer for CAM/layer methods (dotted path)."),
+    n: int = typer.Option(16, "--n", min=1, help="Examples to take from a zoo test set."),
+    out: Path = typer.Option(Path("lumos-evaluation"), "--out", help="Folder for the report."),
+    trust_pickle: bool = typer.Option(
+        False, "--trust-pickle", help="Allow loading a pickled full model (runs its code)."
+    ),
+) -> None:
+    """Which explanation method should I trust? Rank methods × metrics on your model and data."""
+    from lumos.loading import load_input, load_model
+    from lumos.metrics import trust_report
+    from lumos.report.page import Page
+
+    try:
+        net, info = load_model(model, trust_pickle=trust_pickle)
+        target, mask = "predicted", None
+        if data.startswith("zoo:"):
+            from lumos import zoo
+
+            bundle = zoo.load(data[len("zoo:") :])
+            batch = bundle.test_batch(n)
+            x, target = batch[0], batch[1]
+            mask = batch[2] if len(batch) > 2 else None
+            layer = layer or bundle.default_layer
+        else:
+            x = load_input(Path(data))
+        if labels is not None:
+            target = load_input(labels).long()
+        if masks is not None:
+            mask = load_input(masks).bool()
+        bundle = info.get("bundle")
+        layer = layer or getattr(bundle, "default_layer", None)
+        with console.status("scoring methods × metrics"):
+            result = trust_report(
+                net,
+                x,
+                target,
+                masks=mask,
+                layer=layer,
+                methods=[m.strip() for m in methods.split(",") if m.strip()] or None,
+                metrics=[m.strip() for m in metrics.split(",") if m.strip()] or None,
+            )
+    except LumosError as exc:
+        _fail(exc)
+    page = Page("Which explanation method should I trust?")
+    page.add("Evaluation", result.to_html(full=False))
+    path = page.write(out / "index.html")
+    rows = result.ranking()
+    table = Table(title="ranking per metric (1 = best), best method first")
+    columns = list(rows[0]) if rows else []
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            *(f"{row[c]:.3g}" if isinstance(row[c], float) else str(row[c]) for c in columns)
+        )
+    Console(width=200).print(table)
+    typer.echo(str(path.resolve()))
 
 
 def main() -> None:  # pragma: no cover - console entry point
