@@ -154,3 +154,9 @@ def test_method_is_documented_with_its_paper_or_formula(name):
     cls = lumos.core.registry.get_method(name)
     doc = cls.__doc__ or ""
     assert len(doc.splitlines()) >= 3, f"{name} needs a docstring: summary, paper, formula"
+
+
+def test_every_registered_method_is_exported_for_the_object_api():
+    exported = {getattr(lumos.attribution, name) for name in lumos.attribution.__all__}
+    missing = [n for n in ALL if lumos.core.registry.get_method(n) not in exported]
+    assert not missing, f"add {missing} to lumos.attribution.__all__"
