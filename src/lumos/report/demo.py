@@ -24,6 +24,19 @@ from lumos.viz.maps import display_images, image_maps, signed_scale
 INPUT_FAMILIES = ("gradient", "propagation", "cam", "perturbation", "shapley")
 # the methods' own defaults are sized for a demo; integrated gradients needs fewer steps here
 DEMO_BUDGETS = {"n_steps": 32}
+# one or two methods of each family for the trust ranking (every method × metric is minutes)
+TRUST_METHODS = (
+    "saliency",
+    "integrated_gradients",
+    "smoothgrad",
+    "guided_backprop",
+    "deeplift",
+    "lrp",
+    "grad_cam",
+    "score_cam",
+    "occlusion",
+    "rise",
+)
 
 
 @dataclass
