@@ -279,7 +279,7 @@ def bench_batch(model, gc, n: int, size: int, quick: bool) -> list[dict]:
         fns["pytorch-grad-cam"] = lambda: peer(gc.ScoreCAM, model, layer, x, targets, 64)
     else:
         fns["reference"] = lambda: reference_score_cam(model, layer, x, y)
-    times, results = best_times(fns, 1)
+    times, results = best_times(fns, 1 if quick else 2)
     row = record("score_cam", n, size, times)
     full = results["lumos"].attributions
     for k in (32, 64, 128):
