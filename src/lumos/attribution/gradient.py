@@ -164,20 +164,35 @@ class IntegratedGradients(GradientMethod):
         weights = torch.as_tensor(self.weights, device=device)
         example = example_rows(n, self.n_steps, device)
 
+        def aligned(s: slice) -> bool:  # the chunk holds whole steps (always, unless batch_size
+            return s.start % n == 0 and s.stop % n == 0  # splits a step across two chunks)
+
         def make_rows(s: slice) -> list[torch.Tensor]:
+            if aligned(s):  # broadcast instead of gathering rows
+                a = alphas[s.start // n : s.stop // n]
+                return [
+                    torch.addcmul(b.unsqueeze(0), _col(a, d.unsqueeze(0)), d.unsqueeze(0)).flatten(
+                        0, 1
+                    )
+                    for b, d in zip(bases, diffs)
+                ]
             step = torch.arange(s.start, s.stop, device=device) // n
             e = example[s]
-            return [b[e] + _col(alphas[step], d) * d[e] for b, d in zip(bases, diffs)]
+            return [torch.addcmul(b[e], _col(alphas[step], d), d[e]) for b, d in zip(bases, diffs)]
 
         totals = [tuple(torch.zeros_like(x) for x in ctx.inputs) for _ in targets]
         rows = self.input_gradients_multi(
             make_rows, n * self.n_steps, example, targets, ctx.structure
         )
         for s, per_target, _ in rows:
-            w = weights[torch.arange(s.start, s.stop, device=device) // n]
             for total, grads in zip(totals, per_target):
                 for t, g in zip(total, grads):
-                    t.index_add_(0, example[s], g * _col(w, g))
+                    if aligned(s):
+                        w = weights[s.start // n : s.stop // n].to(g.dtype)
+                        t.add_(torch.tensordot(w, g.view(len(w), n, *g.shape[1:]), dims=1))
+                    else:
+                        w = weights[torch.arange(s.start, s.stop, device=device) // n]
+                        t.index_add_(0, example[s], g * _col(w, g))
         base_outputs = self.forward(bases, ctx.structure)
         results = []
         for target, total in zip(targets, totals):
