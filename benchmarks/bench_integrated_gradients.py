@@ -109,8 +109,8 @@ print(peak_rss_mb() - before)
 
 def main() -> None:
     torch.set_num_threads(2)
-    rows = [time_one(*case) for case in models()]
     mem = {which: memory(which) for which in ("lumos", "bare", "captum")}
+    rows = [time_one(*case) for case in models()]
     lines = [
         "| model | batch_size | lumos s | bare fwd+bwd s | captum s | lumos ÷ bare "
         "| lumos ÷ captum |",
