@@ -282,3 +282,8 @@ def test_seeds_may_be_generators(model):
     assert torch.equal(a, b)
     with pytest.raises(InputError, match="seed"):
         lumos.explain(model, x, method="smoothgrad", seed="five")
+
+
+def test_models_that_return_nan_are_refused():
+    with pytest.raises(ModelCallError, match="NaN or inf"):
+        lumos.explain(lambda x: x.log(), -torch.rand(2, 3) - 1, method="saliency", target=0)

@@ -146,6 +146,7 @@ class Method:
         xs_model = tuple(x.detach().to(device) for x in xs)
         with preserved(self.model):
             outputs = self.forward(xs_model, structure)
+            _check_finite_outputs(outputs)
             resolved = [resolve_target(t, outputs, n) for t in targets]
             ready = time.perf_counter()
             ctx = Context(self, xs_model, structure, resolved[0], outputs)
@@ -153,6 +154,15 @@ class Method:
                 results = [self.attribute(ctx, **call_options)]
             else:
                 results = self.attribute_targets(ctx, resolved, **call_options)
+        for result in results:
+            if any(
+                a.is_floating_point() and not torch.isfinite(a).all() for a in result.attributions
+            ):
+                raise LumosError(
+                    f"{self.name} produced NaN or inf attributions (a numerical overflow or a "
+                    "division by zero inside the method); try float64 inputs and model, or "
+                    "another method, and please report it."
+                )
         end = time.perf_counter()
         try:
             out_tensor = output_tensor(outputs).detach()
@@ -261,6 +271,19 @@ class Method:
                     )
                     values_per_target.append(values.detach())
             yield s, grads_per_target, values_per_target
+
+
+def _check_finite_outputs(outputs: Any) -> None:
+    """A model that returns NaN or inf on valid inputs cannot be explained meaningfully."""
+    try:
+        out = output_tensor(outputs)
+    except LumosError:
+        return  # structured outputs: a callable target reads them
+    if out.is_floating_point() and not torch.isfinite(out).all():
+        raise ModelCallError(
+            "The model's outputs contain NaN or inf on these inputs, so no explanation of them "
+            "would mean anything; check the inputs' range and the model."
+        )
 
 
 def _to_inputs(result: Attribution, xs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
