@@ -251,7 +251,7 @@ def bench_batch(model, gc, n: int, size: int, quick: bool) -> list[dict]:
     ablated[torch.arange(len(ablated)), torch.arange(a.shape[1]).repeat(n)] = 0
 
     def tail(rows):
-        return model.fc(torch.flatten(model.pool(rows), 1))
+        return model.fc(torch.flatten(model.avgpool(rows), 1))
 
     fns = {
         "lumos": lambda: lumos.explain(model, x, method="ablation_cam", target=y, layer="layer4"),
