@@ -24,7 +24,10 @@ from torch import nn
 from lumos.attribution.baselines import resolve_baselines
 from lumos.core.batching import chunks
 from lumos.core.errors import BaselineError, InputError
+from lumos.core.explanation import Explanation
+from lumos.core.inputs import InputsLike
 from lumos.core.method import Context, Method
+from lumos.core.targets import TargetLike
 
 # rows of one model call when batch_size is None: about 8M input elements (32 MB of float32)
 _ELEMENTS_PER_CALL = 2**23
@@ -250,12 +253,6 @@ def _single():
     return Structure("tensor", ("input",))
 
 
-def check_count(value: Any, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InputError(f"{name} must be an int >= {minimum}, got {value!r}.")
-    return value
-
-
 # -- the engine ---------------------------------------------------------------------------
 class BlackBoxMethod(Method):
     """Base of methods that only evaluate the model (occlusion, LIME, Shapley values, ...).
@@ -342,3 +339,25 @@ class BlackBoxMethod(Method):
 
         values = self.evaluate(ctx, make_rows, example)
         return values.double().view(n, n_coal, k).mean(2)
+
+
+class PlayerMethod(BlackBoxMethod):
+    """Call options shared by player-based methods:
+
+    baselines: what removed players become — None (zeros), a number, a name (``mean``,
+        ``blur``, ``uniform``), one reference shaped like an example, or a background set
+        (K, ...) averaged over.
+    feature_mask: int tensor grouping input elements into players, broadcastable to the input
+        (one per input tensor for tuple inputs). Default: every feature for tabular inputs,
+        every position for (B, L, E) sequences, an 8 × 8 grid of cells for images.
+    """
+
+    def explain(
+        self,
+        inputs: InputsLike,
+        target: TargetLike = "predicted",
+        *,
+        baselines: Any = None,
+        feature_mask: Any = None,
+    ) -> Explanation:
+        return self._run(inputs, target, baselines=baselines, feature_mask=feature_mask)

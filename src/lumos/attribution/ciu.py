@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from lumos.attribution.blackbox import BlackBoxMethod, check_count, make_players
+from lumos.attribution.blackbox import BlackBoxMethod, make_players
+from lumos.core.batching import check_count
 from lumos.core.errors import InputError
 from lumos.core.explanation import Explanation
 from lumos.core.inputs import InputsLike

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from lumos.attribution.baselines import background_set, resolve_baselines
+from lumos.core.batching import check_count
 from lumos.core.errors import InputError, unknown_name
 from lumos.core.explanation import Explanation
 from lumos.core.inputs import InputsLike
@@ -96,8 +97,7 @@ INTEGRATION = (
 
 def integration_rule(name: str, n_steps: int) -> tuple[np.ndarray, np.ndarray]:
     """Points in [0, 1] and weights summing to 1 of a quadrature rule with `n_steps` points."""
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
-        raise InputError(f"n_steps must be a positive int, got {n_steps!r}.")
+    check_count(n_steps, "n_steps")
     k = np.arange(n_steps, dtype=np.float64)
     if name == "gauss_legendre":
         points, weights = np.polynomial.legendre.leggauss(n_steps)
@@ -229,8 +229,7 @@ class ExpectedGradients(GradientMethod):
         batch_size: int | None = None,
     ) -> None:
         super().__init__(model, batch_size=batch_size)
-        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-            raise InputError(f"n_samples must be a positive int, got {n_samples!r}.")
+        check_count(n_samples, "n_samples")
         self.n_samples, self.seed = n_samples, check_seed(seed)
 
     def _config(self) -> dict[str, Any]:

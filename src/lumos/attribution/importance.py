@@ -12,10 +12,9 @@ import torch
 from lumos.attribution.blackbox import (
     _ELEMENTS_PER_CALL,
     as_tensor_model,
-    check_count,
     make_players,
 )
-from lumos.core.batching import check_batch_size, chunks
+from lumos.core.batching import check_batch_size, check_count, chunks
 from lumos.core.errors import InputError, unknown_name
 from lumos.core.inputs import call_model, flatten_inputs
 from lumos.core.model import model_device, preserved

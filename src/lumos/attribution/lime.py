@@ -14,10 +14,10 @@ import torch
 from lumos.attribution.blackbox import (
     BlackBoxMethod,
     Players,
-    check_count,
     make_players,
     references,
 )
+from lumos.core.batching import check_count
 from lumos.core.errors import InputError, require, unknown_name
 from lumos.core.explanation import Explanation
 from lumos.core.inputs import InputsLike

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from lumos.core.batching import check_count
 from lumos.core.errors import InputError, UnsupportedModelError, unknown_name
 from lumos.core.explanation import Explanation
 from lumos.core.inputs import InputsLike
@@ -47,8 +48,7 @@ class NoiseTunnel(Method):
         batch_size: int | None = None,
     ) -> None:
         super().__init__(model, batch_size=batch_size)
-        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-            raise InputError(f"n_samples must be a positive int, got {n_samples!r}.")
+        check_count(n_samples, "n_samples")
         if stdev is not None and (not isinstance(stdev, (int, float)) or stdev < 0):
             raise InputError(f"stdev must be a non-negative number or None, got {stdev!r}.")
         cls = get_method(base)

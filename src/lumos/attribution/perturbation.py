@@ -12,7 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from lumos.attribution.baselines import resolve_baselines
-from lumos.attribution.blackbox import BlackBoxMethod, check_count, make_players, references
+from lumos.attribution.blackbox import (
+    BlackBoxMethod,
+    PlayerMethod,
+    make_players,
+    references,
+)
+from lumos.core.batching import check_count
 from lumos.core.errors import InputError
 from lumos.core.explanation import Explanation
 from lumos.core.inputs import InputsLike
@@ -135,28 +141,6 @@ def window_masks(
     return mask.reshape(-1, *shape)
 
 
-class PlayerMethod(BlackBoxMethod):
-    """Call options shared by player-based methods:
-
-    baselines: what removed players become — None (zeros), a number, a name (``mean``,
-        ``blur``, ``uniform``), one reference shaped like an example, or a background set
-        (K, ...) averaged over.
-    feature_mask: int tensor grouping input elements into players, broadcastable to the input
-        (one per input tensor for tuple inputs). Default: every feature for tabular inputs,
-        every position for (B, L, E) sequences, an 8 × 8 grid of cells for images.
-    """
-
-    def explain(
-        self,
-        inputs: InputsLike,
-        target: TargetLike = "predicted",
-        *,
-        baselines: Any = None,
-        feature_mask: Any = None,
-    ) -> Explanation:
-        return self._run(inputs, target, baselines=baselines, feature_mask=feature_mask)
-
-
 @register("feature_ablation", family="perturbation", needs={"black_box"})
 class FeatureAblation(PlayerMethod):
     """Feature ablation: the drop of the target when one player is replaced by its reference.
@@ -190,7 +174,7 @@ class FeatureAblation(PlayerMethod):
 
 
 @register("rise", family="perturbation", needs={"black_box"})
-class Rise(BlackBoxMethod):
+class Rise(PlayerMethod):
     """RISE: the target's average over random masks, weighted by each mask.
 
     Petsiuk, Das & Saenko (2018), "RISE: Randomized Input Sampling for Explanation of
@@ -228,16 +212,6 @@ class Rise(BlackBoxMethod):
 
     def _config(self) -> dict[str, Any]:
         return {**super()._config(), "n_masks": self.n_masks, "cells": self.cells, "p": self.p}
-
-    def explain(
-        self,
-        inputs: InputsLike,
-        target: TargetLike = "predicted",
-        *,
-        baselines: Any = None,
-        feature_mask: Any = None,
-    ) -> Explanation:
-        return self._run(inputs, target, baselines=baselines, feature_mask=feature_mask)
 
     def attribute(self, ctx: Context, baselines: Any = None, feature_mask: Any = None):
         if len(ctx.inputs) == 1 and ctx.inputs[0].dim() == 4 and feature_mask is None:

@@ -18,18 +18,16 @@ from typing import Any
 import torch
 
 from lumos.attribution.blackbox import (
-    BlackBoxMethod,
+    PlayerMethod,
     Players,
-    check_count,
     make_players,
     references,
 )
+from lumos.core.batching import check_count
 from lumos.core.errors import InputError
 from lumos.core.explanation import Explanation
-from lumos.core.inputs import InputsLike
 from lumos.core.method import Attribution, Context
 from lumos.core.registry import register
-from lumos.core.targets import TargetLike
 
 MAX_EXACT_PLAYERS = 20
 # elements per example above which the default budget is the image one (every evaluation is
@@ -50,7 +48,7 @@ def check_budget(n_samples: int | None) -> int | None:
     return None if n_samples is None else check_count(n_samples, "n_samples")
 
 
-class ShapleyMethod(BlackBoxMethod):
+class ShapleyMethod(PlayerMethod):
     """Base of the Shapley estimators.
 
     Call options:
@@ -64,16 +62,6 @@ class ShapleyMethod(BlackBoxMethod):
     """
 
     grid = 8
-
-    def explain(
-        self,
-        inputs: InputsLike,
-        target: TargetLike = "predicted",
-        *,
-        baselines: Any = None,
-        feature_mask: Any = None,
-    ) -> Explanation:
-        return self._run(inputs, target, baselines=baselines, feature_mask=feature_mask)
 
     def attribute(
         self, ctx: Context, baselines: Any = None, feature_mask: Any = None

@@ -16,6 +16,13 @@ def check_batch_size(batch_size: int | None) -> int | None:
     return batch_size
 
 
+def check_count(value: object, name: str, minimum: int = 1) -> int:
+    """A whole-number option (`n_steps`, `n_samples`, ...) of at least `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InputError(f"{name} must be an int >= {minimum}, got {value!r}.")
+    return value
+
+
 def chunks(n_rows: int, batch_size: int | None) -> Iterator[slice]:
     """Slices covering `range(n_rows)` with at most `batch_size` rows each (all rows if None)."""
     step = n_rows if batch_size is None else batch_size

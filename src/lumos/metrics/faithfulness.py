@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lumos.core.batching import check_count
 from lumos.core.errors import InputError
 from lumos.core.targets import TargetLike
 from lumos.metrics.base import (
@@ -85,8 +86,7 @@ def _auc(fractions: torch.Tensor, curves: torch.Tensor) -> torch.Tensor:
 
 
 def _steps(n_steps: int) -> torch.Tensor:
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
-        raise InputError(f"n_steps must be a positive int, got {n_steps!r}.")
+    check_count(n_steps, "n_steps")
     return torch.linspace(0, 1, n_steps + 1, dtype=torch.float64)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from lumos.core.errors import InputError
+from lumos.core.batching import check_count
 from lumos.core.targets import TargetLike
 from lumos.metrics.base import (
     ModelRunner,
@@ -41,8 +41,7 @@ def _perturbed_changes(
     method_options: dict | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B, n_samples)`` relative explanation changes ‖Φ(x+δ) − Φ(x)‖ / ‖Φ(x)‖ and ‖δ‖."""
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-        raise InputError(f"n_samples must be a positive int, got {n_samples!r}.")
+    check_count(n_samples, "n_samples")
     runner = ModelRunner(model, inputs, target)
     x, n, device = runner.x, runner.n, runner.device
     explain = explainer_for(explainer, method_options)
