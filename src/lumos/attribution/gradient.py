@@ -37,8 +37,11 @@ class GradientMethod(Method):
         self, ctx: Context, targets: Sequence[Target]
     ) -> list[tuple[torch.Tensor, ...]]:
         """`gradients` for several targets, sharing each forward pass."""
-        grads = [tuple(torch.empty_like(x) for x in ctx.inputs) for _ in targets]
         index = torch.arange(ctx.n, device=ctx.device)
+        live = ctx.take_live(self)
+        if live is not None:  # the pipeline's forward already ran with gradients
+            return self.target_gradients(live.rows, live.output, index, targets)[0]
+        grads = [tuple(torch.empty_like(x) for x in ctx.inputs) for _ in targets]
         rows = self.input_gradients_multi(
             lambda s: [x[s] for x in ctx.inputs], ctx.n, index, targets, ctx.structure
         )
@@ -56,6 +59,8 @@ class Saliency(GradientMethod):
     Simonyan, Vedaldi & Zisserman (2014), "Deep Inside Convolutional Networks".
     ``attr = |∂f_c(x)/∂x|`` (``abs=True``, as in the paper) or the signed gradient.
     """
+
+    single_pass = True
 
     def __init__(self, model: Callable, *, abs: bool = True, batch_size: int | None = None):
         super().__init__(model, batch_size=batch_size)
@@ -78,6 +83,8 @@ class InputXGradient(GradientMethod):
     Shrikumar et al. (2016), "Not Just a Black Box". ``attr = x ⊙ ∂f_c(x)/∂x``; on a linear
     model with zero bias this sums to the output.
     """
+
+    single_pass = True
 
     def attribute_targets(self, ctx: Context, targets: Sequence[Target]) -> list[Attribution]:
         return [

@@ -140,6 +140,7 @@ def _is_relu_clamp(func, args: Sequence, kwargs: dict) -> bool:
 
 class _ModifiedReLUMethod(GradientMethod):
     rule: type[torch.autograd.Function]
+    single_pass = True
 
     def call(self, xs: Sequence[torch.Tensor], structure: Structure) -> Any:
         modules = self.model.modules() if isinstance(self.model, torch.nn.Module) else []

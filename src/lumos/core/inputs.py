@@ -89,6 +89,17 @@ def flatten_inputs(inputs: InputsLike) -> tuple[tuple[torch.Tensor, ...], Struct
     return tensors, structure
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """True when a tensor holds no NaN or inf (non-float tensors always do).
+
+    One reduction: a finite sum means every entry is finite; only a non-finite sum (a NaN or
+    inf inside, or an overflow of finite values) pays for the elementwise check.
+    """
+    if not t.is_floating_point() and not t.is_complex():
+        return True
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def validate_inputs(tensors: Sequence[torch.Tensor], structure: Structure) -> None:
     """Batch-first tensors of one batch size, without NaN or inf."""
     names = [_name(structure, i) for i in range(len(tensors))]
@@ -99,7 +110,7 @@ def validate_inputs(tensors: Sequence[torch.Tensor], structure: Structure) -> No
             )
         if t.shape[0] == 0:
             raise InputError(f"{name} has an empty batch (shape {tuple(t.shape)}).")
-        if t.is_floating_point() and not torch.isfinite(t).all():
+        if not all_finite(t):
             raise InputError(f"{name} contains NaN or inf values; clean the data first.")
     sizes = {int(t.shape[0]) for t in tensors}
     if len(sizes) > 1:

@@ -8,6 +8,7 @@ model's state, times the work and wraps everything into an `Explanation`.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +26,14 @@ from lumos.core.errors import (
     OutOfMemory,
 )
 from lumos.core.explanation import Explanation
-from lumos.core.inputs import InputsLike, Structure, call_model, flatten_inputs, require_float
+from lumos.core.inputs import (
+    InputsLike,
+    Structure,
+    all_finite,
+    call_model,
+    flatten_inputs,
+    require_float,
+)
 from lumos.core.model import check_model, model_device, preserved
 from lumos.core.targets import Target, TargetLike, output_tensor, resolve_target
 
@@ -45,6 +53,15 @@ class Context:
         self.method, self.inputs, self.structure, self.target = method, inputs, structure, target
         self.device = inputs[0].device
         self._outputs = outputs
+        self.live: Live | None = None
+
+    def take_live(self, method: Method) -> Live | None:
+        """The pipeline's forward pass with gradients on the inputs, if it ran one for `method`
+        (see `Method.single_pass`); it is handed out once, to the method's first pass."""
+        if self.live is None or method is not self.method:
+            return None
+        live, self.live = self.live, None
+        return live
 
     @property
     def n(self) -> int:
@@ -59,6 +76,17 @@ class Context:
     def target_values(self) -> torch.Tensor:
         """The target's value at every input example."""
         return self.target.select(self.outputs, torch.arange(self.n, device=self.device))
+
+
+@dataclass
+class Live:
+    """A forward pass on the inputs themselves that kept its autograd graph: `rows` are the
+    inputs (requiring grad), `output` the model's output, `state` what the method's
+    `live_forward` needs again (e.g. a traced graph)."""
+
+    rows: tuple[torch.Tensor, ...]
+    output: Any
+    state: Any = None
 
 
 @dataclass
@@ -83,6 +111,11 @@ class Method:
     name: ClassVar[str] = ""
     family: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()
+    #: True for methods whose work is one forward and one backward pass on the inputs themselves
+    #: (saliency, LRP, ...): when the inputs fit in one pass, the pipeline runs that forward with
+    #: gradients (`live_forward`) and takes the outputs and targets from it, instead of paying
+    #: for a separate forward without gradients.
+    single_pass: ClassVar[bool] = False
 
     def __init__(self, model: Callable, *, batch_size: int | None = None) -> None:
         check_model(model)
@@ -144,20 +177,25 @@ class Method:
         n = int(xs[0].shape[0])
         device = model_device(self.model, xs[0].device)
         xs_model = tuple(x.detach().to(device) for x in xs)
+        fused = self.single_pass and (self.batch_size is None or n <= self.batch_size)
         with preserved(self.model):
-            outputs = self.forward(xs_model, structure)
+            live = self.live_forward(xs_model, structure) if fused else None
+            if live is None:
+                outputs = self.forward(xs_model, structure)
+            else:
+                outputs = live.output.detach() if torch.is_tensor(live.output) else live.output
             _check_finite_outputs(outputs)
-            resolved = [resolve_target(t, outputs, n) for t in targets]
+            with torch.no_grad():
+                resolved = [resolve_target(t, outputs, n) for t in targets]
             ready = time.perf_counter()
             ctx = Context(self, xs_model, structure, resolved[0], outputs)
+            ctx.live = live
             if len(resolved) == 1:
                 results = [self.attribute(ctx, **call_options)]
             else:
                 results = self.attribute_targets(ctx, resolved, **call_options)
         for result in results:
-            if any(
-                a.is_floating_point() and not torch.isfinite(a).all() for a in result.attributions
-            ):
+            if any(not all_finite(a) for a in result.attributions):
                 raise LumosError(
                     f"{self.name} produced NaN or inf attributions (a numerical overflow or a "
                     "division by zero inside the method); try float64 inputs and model, or "
@@ -196,10 +234,24 @@ class Method:
                 parts.append(self.call([x[s] for x in xs], structure))
         return parts[0] if len(parts) == 1 else _concat(parts)
 
+    def live_forward(self, xs: Sequence[torch.Tensor], structure: Structure) -> Live:
+        """The forward pass on the inputs with gradients, for `single_pass` methods; methods that
+        run a modified model (LRP's traced graph) override it."""
+        rows = tuple(x.detach().requires_grad_(True) for x in xs)
+        with torch.enable_grad():
+            return Live(rows, self.call(rows, structure))
+
     def call(self, xs: Sequence[torch.Tensor], structure: Structure) -> Any:
         """One model call; a failure inside the model says which input shapes caused it."""
-        try:
+        with self.calling(xs):
             return call_model(self.model, xs, structure)
+
+    @contextlib.contextmanager
+    def calling(self, xs: Sequence[torch.Tensor]) -> Iterator[None]:
+        """Turns an error raised inside the model on `xs` into a `LumosError` naming the shapes
+        (out of memory into `OutOfMemory`); for methods that run the model their own way."""
+        try:
+            yield
         except LumosError:
             raise
         except torch.OutOfMemoryError as exc:
@@ -246,31 +298,43 @@ class Method:
         target. Yields `(slice, [gradients per target], [target values per target])`."""
         for s in chunks(n_rows, self.batch_size):
             rows = tuple(r.detach().requires_grad_(True) for r in make_rows(s))
-            grads_per_target, values_per_target = [], []
             with torch.enable_grad():
                 output = self.call(rows, structure)
-                for i, target in enumerate(targets):
-                    values = target.select(output, example_index[s])
-                    if not values.requires_grad:
-                        raise GradientError(
-                            f"{self.name} needs gradients, but the model output does not depend "
-                            "differentiably on the inputs (does the model detach, use NumPy, "
-                            "round or run under torch.no_grad?). Use a black-box method such "
-                            "as 'occlusion' or 'kernel_shap' instead."
-                        )
-                    grads = torch.autograd.grad(
-                        values.sum(), rows, allow_unused=True, retain_graph=i < len(targets) - 1
+            yield s, *self.target_gradients(rows, output, example_index[s], targets)
+
+    def target_gradients(
+        self,
+        rows: Sequence[torch.Tensor],
+        output: Any,
+        example_index: torch.Tensor,
+        targets: Sequence[Target],
+    ) -> tuple[list[tuple[torch.Tensor, ...]], list[torch.Tensor]]:
+        """Gradients of each target w.r.t. `rows` from one forward pass (`output`), one backward
+        per target; returns `([gradients per target], [target values per target])`."""
+        grads_per_target, values_per_target = [], []
+        with torch.enable_grad():
+            for i, target in enumerate(targets):
+                values = target.select(output, example_index)
+                if not values.requires_grad:
+                    raise GradientError(
+                        f"{self.name} needs gradients, but the model output does not depend "
+                        "differentiably on the inputs (does the model detach, use NumPy, "
+                        "round or run under torch.no_grad?). Use a black-box method such "
+                        "as 'occlusion' or 'kernel_shap' instead."
                     )
-                    if all(g is None for g in grads):
-                        raise GradientError(
-                            f"{self.name}: the target does not depend on any input tensor; "
-                            "check the target and the model's forward."
-                        )
-                    grads_per_target.append(
-                        tuple(torch.zeros_like(r) if g is None else g for r, g in zip(rows, grads))
+                grads = torch.autograd.grad(
+                    values.sum(), rows, allow_unused=True, retain_graph=i < len(targets) - 1
+                )
+                if all(g is None for g in grads):
+                    raise GradientError(
+                        f"{self.name}: the target does not depend on any input tensor; "
+                        "check the target and the model's forward."
                     )
-                    values_per_target.append(values.detach())
-            yield s, grads_per_target, values_per_target
+                grads_per_target.append(
+                    tuple(torch.zeros_like(r) if g is None else g for r, g in zip(rows, grads))
+                )
+                values_per_target.append(values.detach())
+        return grads_per_target, values_per_target
 
 
 def _check_finite_outputs(outputs: Any) -> None:
@@ -279,7 +343,7 @@ def _check_finite_outputs(outputs: Any) -> None:
         out = output_tensor(outputs)
     except LumosError:
         return  # structured outputs: a callable target reads them
-    if out.is_floating_point() and not torch.isfinite(out).all():
+    if not all_finite(out):
         raise ModelCallError(
             "The model's outputs contain NaN or inf on these inputs, so no explanation of them "
             "would mean anything; check the inputs' range and the model."

@@ -61,12 +61,12 @@ class MergeBatchNorm(Canonizer):
 
 
 def merge(layer: Layer, bn: nn.Module) -> Layer:
-    """A new `Layer` computing ``bn(layer(x))`` with merged weight and bias."""
+    """A new `Layer` computing ``bn(layer(x))``: the BatchNorm's scale ``s`` and the merged bias
+    ``s·b + shift``; the merged weight ``s·W`` is built only if a rule asks for it."""
     scale, shift = batchnorm_affine(bn)
-    weight = layer.weight.detach()
-    merged_weight = weight * scale.view((-1,) + (1,) * (weight.dim() - 1))
     bias = torch.zeros_like(scale) if layer.bias is None else layer.bias.detach()
-    return Layer(layer.fn, merged_weight, bias * scale + shift)
+    weight = None if layer.raw is None else layer.raw.detach()
+    return Layer(layer.fn, weight, bias * scale + shift, scale=scale)
 
 
 @contextlib.contextmanager

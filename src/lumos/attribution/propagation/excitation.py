@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lumos.attribution.propagation.canonizers import MergeBatchNorm, canonized
+from torch import Tensor
+
+from lumos.attribution.propagation.canonizers import MergeBatchNorm
 from lumos.attribution.propagation.composites import BASE, Composite
 from lumos.attribution.propagation.graph import LINEAR_MODULES, Graph
-from lumos.attribution.propagation.lrp import RuleStrategy, relevance_pass, total
+from lumos.attribution.propagation.lrp import RuleStrategy, graph_forward, relevance_pass, total
 from lumos.attribution.propagation.rules import Branch, ZPlus
 from lumos.core.errors import UnsupportedModelError
 from lumos.core.explanation import Explanation
-from lumos.core.inputs import InputsLike
-from lumos.core.method import Attribution, Context, Method
+from lumos.core.inputs import InputsLike, Structure
+from lumos.core.method import Attribution, Context, Live, Method
 from lumos.core.registry import register
 from lumos.core.targets import TargetLike
 
@@ -28,6 +30,9 @@ class _DualZPlus(ZPlus):
             Branch(lambda x: x.clamp(min=0), lambda p: (-p).clamp(min=0), bias=False, sign=1),
             Branch(lambda x: x.clamp(max=0), lambda p: (-p).clamp(max=0), bias=False, sign=-1),
         )
+
+
+_COMPOSITE = Composite(((LINEAR_MODULES, ZPlus(bias=False)), *BASE))
 
 
 @register("excitation_backprop", family="propagation", needs={"gradients"})
@@ -48,6 +53,8 @@ class ExcitationBackprop(Method):
             zero; `delta` is then None.
     """
 
+    single_pass = True
+
     def __init__(
         self, model: Callable, *, contrastive: bool = False, batch_size: int | None = None
     ) -> None:
@@ -60,25 +67,30 @@ class ExcitationBackprop(Method):
     def explain(self, inputs: InputsLike, target: TargetLike = "predicted") -> Explanation:
         return self._run(inputs, target)
 
-    def attribute(self, ctx: Context) -> Attribution:
+    def live_forward(self, xs: Sequence[Tensor], structure: Structure) -> Live:
+        return graph_forward(self, *self._graph(), xs, structure)
+
+    def _graph(self) -> tuple[Graph, RuleStrategy]:
+        """This call's traced, BatchNorm-merged copy of the model and the z⁺ strategy."""
         graph = Graph(self.model, self.name)
-        rule = ZPlus(bias=False)
-        composite = Composite(((LINEAR_MODULES, rule), *BASE))
-        with canonized(graph, (MergeBatchNorm(),)):
-            maps, _ = relevance_pass(
-                self, ctx, graph, RuleStrategy(composite, self.name), scale_by_output=False
+        MergeBatchNorm().apply(graph)  # the copy is dropped afterwards: nothing to undo
+        return graph, RuleStrategy(_COMPOSITE, self.name)
+
+    def attribute(self, ctx: Context) -> Attribution:
+        live = ctx.take_live(self)
+        graph, strategy = self._graph() if live is None else live.state
+        maps, _ = relevance_pass(self, ctx, graph, strategy, scale_by_output=False, live=live)
+        if not self.contrastive:
+            return Attribution(maps, delta=total(maps) - 1.0)
+        top = [s.path for s in graph.steps if s.output_layer]
+        if not top:
+            raise UnsupportedModelError(
+                "contrastive excitation backprop negates the output layer's weights, but the "
+                "model's output is not produced by a linear layer."
             )
-            if not self.contrastive:
-                return Attribution(maps, delta=total(maps) - 1.0)
-            top = [s.path for s in graph.steps if s.output_layer]
-            if not top:
-                raise UnsupportedModelError(
-                    "contrastive excitation backprop negates the output layer's weights, but the "
-                    "model's output is not produced by a linear layer."
-                )
-            dual = Composite(tuple((path, _DualZPlus(bias=False)) for path in top))
-            dual_composite = Composite(dual.entries + composite.entries)
-            duals, _ = relevance_pass(
-                self, ctx, graph, RuleStrategy(dual_composite, self.name), scale_by_output=False
-            )
+        dual = Composite(tuple((path, _DualZPlus(bias=False)) for path in top))
+        dual_composite = Composite(dual.entries + _COMPOSITE.entries)
+        duals, _ = relevance_pass(
+            self, ctx, graph, RuleStrategy(dual_composite, self.name), scale_by_output=False
+        )
         return Attribution(tuple((m - d).clamp(min=0) for m, d in zip(maps, duals)))

@@ -123,15 +123,42 @@ def register_op(target: Any, kind: str) -> None:
 # -- layers --------------------------------------------------------------------------------------
 
 
-@dataclass
 class Layer:
-    """A linear layer as ``fn(x, weight, bias)`` with its (possibly canonized) parameters."""
+    """A linear layer as ``fn(x, weight, bias)`` with its (possibly canonized) parameters.
 
-    fn: Callable[..., Tensor]
-    weight: Tensor | None
-    bias: Tensor | None
+    A layer merged with the BatchNorm after it keeps its own weight `raw` and the BatchNorm's
+    per-channel `scale`: its output is ``fn(x, raw)·scale + bias``, which is how rules that leave
+    the parameters alone (ε, LRP-0) evaluate it, so they never build the merged weight;
+    `weight` (``raw·scale``) is built on first use, for rules that modify the parameters.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., Tensor],
+        weight: Tensor | None,
+        bias: Tensor | None,
+        scale: Tensor | None = None,
+    ) -> None:
+        self.fn, self.raw, self.bias, self.scale = fn, weight, bias, scale
+        self._weight = None if scale is not None else weight
+
+    @property
+    def weight(self) -> Tensor | None:
+        if self._weight is None and self.raw is not None:
+            self._weight = self.raw * self.scale.view((-1,) + (1,) * (self.raw.dim() - 1))
+        return self._weight
+
+    def scaled(self, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        """``fn(x, raw)·scale + bias`` (`weight` is ignored: it is the merged weight's stand-in);
+        channels are on dim 1, as for every layer a BatchNorm can follow."""
+        z = self.fn(x, self.raw, None)
+        shape = (1, -1) + (1,) * (z.dim() - 2)
+        z = z * self.scale.view(shape)
+        return z if bias is None else z + bias.view(shape)
 
     def __call__(self, x: Tensor) -> Tensor:
+        if self.scale is not None:
+            return self.scaled(x, None, self.bias)
         return self.fn(x, self.weight, self.bias)
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from lumos.attribution.propagation.canonizers import Canonizer, MergeBatchNorm, canonized
+from lumos.attribution.propagation.canonizers import Canonizer, MergeBatchNorm
 from lumos.attribution.propagation.composites import (
     PRESETS,
     Composite,
@@ -19,8 +19,8 @@ from lumos.attribution.propagation.rules import Norm, Pass, propagate
 from lumos.core.batching import chunks
 from lumos.core.errors import GradientError
 from lumos.core.explanation import Explanation
-from lumos.core.inputs import InputsLike
-from lumos.core.method import Attribution, Context, Method
+from lumos.core.inputs import InputsLike, Structure
+from lumos.core.method import Attribution, Context, Live, Method
 from lumos.core.registry import register
 from lumos.core.targets import TargetLike, output_tensor
 
@@ -40,6 +40,8 @@ class RuleStrategy(Strategy):
 
     def layer(self, step: Step, layer: Layer, x: Tensor) -> Tensor:
         rule = self._record(step, require_rule(self.composite, step, self.method))
+        if layer.scale is not None and _keeps_params(rule):  # merged BatchNorm, no new weight
+            return propagate(rule, layer.scaled, (x,), layer.raw, layer.bias)
         return propagate(rule, layer.fn, (x,), layer.weight, layer.bias)
 
     def _elementwise(self, step: Step, fn: Callable, x: Tensor, default) -> Tensor:
@@ -65,6 +67,21 @@ class RuleStrategy(Strategy):
         return propagate(rule, lambda *a: weighted_sum(a[:-2], signs), terms)
 
 
+def _keeps_params(rule: Any) -> bool:
+    """True when every branch of `rule` uses the layer's parameters unmodified."""
+    return not isinstance(rule, Pass) and all(b.params is None for b in rule.branches())
+
+
+def graph_forward(
+    method: Method, graph: Graph, strategy: Strategy, xs: Sequence[Tensor], structure: Structure
+) -> Live:
+    """The traced graph's forward pass on `xs` (made to require grad) under `strategy`."""
+    rows = tuple(x.detach().requires_grad_(True) for x in xs)
+    keys = structure.keys if structure.kind == "dict" else None  # called as model(**inputs)
+    with torch.enable_grad(), method.calling(rows):
+        return Live(rows, graph.run(strategy, rows, keys), (graph, strategy))
+
+
 def relevance_pass(
     method: Method,
     ctx: Context,
@@ -72,19 +89,26 @@ def relevance_pass(
     strategy: Strategy,
     *,
     scale_by_output: bool = True,
+    live: Live | None = None,
 ) -> tuple[tuple[Tensor, ...], Tensor]:
     """Input relevance for the target, chunked by `batch_size`.
 
-    The output relevance is ``f_c(x)`` at the target (``scale_by_output``) or 1. Returns the
+    The output relevance is ``f_c(x)`` at the target (``scale_by_output``) or 1. `live` is the
+    pipeline's forward pass through `graph` when it already ran one on all inputs. Returns the
     relevance per input and the target values.
     """
-    totals = tuple(torch.zeros_like(x) for x in ctx.inputs)
-    values = torch.zeros(ctx.n, device=ctx.device, dtype=torch.float64)
+    parts: list[tuple[Tensor, ...]] = []
+    values = []
     index = torch.arange(ctx.n, device=ctx.device)
     for s in chunks(ctx.n, method.batch_size):
-        xs = tuple(x[s].detach().requires_grad_(True) for x in ctx.inputs)
+        if live is None:
+            rows = [x[s] for x in ctx.inputs]
+            live_s = graph_forward(method, graph, strategy, rows, ctx.structure)
+        else:
+            live_s, live = live, None
+        xs = live_s.rows
         with torch.enable_grad():
-            out = output_tensor(graph.run(strategy, xs, keys_of(ctx)))
+            out = output_tensor(live_s.output)
             leaf = out.detach().requires_grad_(True)
             selected = ctx.target.select(leaf, index[s])
             (onehot,) = torch.autograd.grad(selected.sum(), leaf)
@@ -95,11 +119,11 @@ def relevance_pass(
                     "differentiable operations."
                 )
             grads = torch.autograd.grad(out, xs, seed, allow_unused=True)
-        for total, g in zip(totals, grads):
-            if g is not None:
-                total[s] = g
-        values[s] = selected.detach().double()
-    return totals, values
+        parts.append(tuple(torch.zeros_like(x) if g is None else g for x, g in zip(xs, grads)))
+        values.append(selected.detach().double())
+    if len(parts) == 1:
+        return parts[0], values[0]
+    return tuple(torch.cat(p) for p in zip(*parts)), torch.cat(values)
 
 
 def keys_of(ctx: Context) -> tuple[str, ...] | None:
@@ -139,6 +163,8 @@ class LRP(Method):
         canonizers: graph rewrites applied first; None merges BatchNorm (`MergeBatchNorm`).
     """
 
+    single_pass = True
+
     def __init__(
         self,
         model: Callable,
@@ -165,14 +191,24 @@ class LRP(Method):
     def explain(self, inputs: InputsLike, target: TargetLike = "predicted") -> Explanation:
         return self._run(inputs, target)
 
-    def attribute(self, ctx: Context) -> Attribution:
+    def live_forward(self, xs: Sequence[Tensor], structure: Structure) -> Live:
+        return graph_forward(self, *self._graph(), xs, structure)
+
+    def _graph(self) -> tuple[Graph, RuleStrategy]:
+        """This call's traced copy of the model, canonized (the copy is dropped afterwards, so
+        the canonizers need no undoing), and the strategy applying the composite's rules."""
         graph = Graph(self.model, self.name)
-        strategy = RuleStrategy(self.composite, self.name)
-        with canonized(graph, self.canonizers):
-            relevance, values = relevance_pass(self, ctx, graph, strategy)
-            merged = sorted(graph.merged)
+        for canonizer in self.canonizers:
+            canonizer.apply(graph)
+        return graph, RuleStrategy(self.composite, self.name)
+
+    def attribute(self, ctx: Context) -> Attribution:
+        live = ctx.take_live(self)
+        graph, strategy = self._graph() if live is None else live.state
+        relevance, values = relevance_pass(self, ctx, graph, strategy, live=live)
+        merged = sorted(graph.merged)
         extras = {"rules": strategy.applied, "merged_batchnorm": merged}
         return Attribution(relevance, delta=total(relevance) - values, extras=extras)
 
 
-__all__ = ["LRP", "PRESETS", "RuleStrategy", "relevance_pass"]
+__all__ = ["LRP", "PRESETS", "RuleStrategy", "graph_forward", "relevance_pass"]

@@ -27,10 +27,14 @@ Modifier = Callable[[Tensor], Tensor]
 
 
 def stabilize(z: Tensor | float, epsilon: float) -> Tensor | float:
-    """``z + ε·sign(z)`` with sign(0) = +1: keeps every denominator at least ε away from zero."""
+    """``z + ε·sign(z)`` with sign(+0) = +1: keeps every denominator at least ε away from zero.
+
+    Computed as ``(|z| + ε)`` carrying z's sign bit, in place on one new tensor: several times
+    faster than `torch.where` on large activations (a −0.0 gets −ε, equally far from zero).
+    """
     if not isinstance(z, Tensor):
         return z + epsilon if z >= 0 else z - epsilon
-    return torch.where(z >= 0, z + epsilon, z - epsilon)
+    return z.abs().add_(epsilon).copysign_(z)
 
 
 def _positive(t: Tensor) -> Tensor:
