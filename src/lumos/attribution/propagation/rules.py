@@ -86,7 +86,14 @@ class Epsilon(Rule):
         return (Branch(),)
 
     def weigh(self, relevance, outputs, output):
-        return (relevance / stabilize(outputs[0], self.epsilon),)
+        denominator = stabilize(outputs[0], self.epsilon)
+        if (
+            isinstance(denominator, Tensor)
+            and denominator.shape == relevance.shape
+            and denominator.dtype == relevance.dtype
+        ):
+            return (torch.div(relevance, denominator, out=denominator),)  # no new tensor
+        return (relevance / denominator,)
 
 
 @dataclass(frozen=True)
