@@ -80,3 +80,15 @@ def test_a_borrowed_forward_is_not_used_by_another_method():
         model, x, method="guided_grad_cam", layer="conv2", target=1, batch_size=1
     )
     torch.testing.assert_close(fused.attributions, chunked.attributions)
+
+
+@pytest.mark.parametrize("name", ["grad_cam", "score_cam", "layer_cam"])
+def test_cam_methods_with_a_given_layer_record_in_the_pipelines_forward(name):
+    torch.manual_seed(4)
+    model, x = tiny_cnn(), torch.rand(3, 3, 16, 16)
+    calls = _calls(model)
+    fused = lumos.explain(model, x, method=name, layer="conv2", target=2)
+    n_calls = calls["n"]
+    chunked = lumos.explain(model, x, method=name, layer="conv2", target=2, batch_size=2)
+    assert n_calls < calls["n"] - n_calls  # the chunked run pays a separate forward
+    torch.testing.assert_close(fused.attributions, chunked.attributions)

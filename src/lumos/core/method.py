@@ -111,11 +111,12 @@ class Method:
     name: ClassVar[str] = ""
     family: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()
-    #: True for methods whose work is one forward and one backward pass on the inputs themselves
-    #: (saliency, LRP, ...): when the inputs fit in one pass, the pipeline runs that forward with
-    #: gradients (`live_forward`) and takes the outputs and targets from it, instead of paying
-    #: for a separate forward without gradients.
-    single_pass: ClassVar[bool] = False
+    #: True for methods whose own first pass is a forward pass on the inputs themselves
+    #: (saliency, LRP, CAM methods with a given layer): when the inputs fit in one pass, the
+    #: pipeline runs that forward (`live_forward`, with gradients where the method needs them)
+    #: and takes the outputs and targets from it, instead of paying for a separate forward.
+    #: An instance may set it where it depends on the options.
+    single_pass: bool = False
 
     def __init__(self, model: Callable, *, batch_size: int | None = None) -> None:
         check_model(model)

@@ -24,7 +24,7 @@ from lumos.core.batching import chunks
 from lumos.core.errors import InputError, UnsupportedModelError
 from lumos.core.explanation import Explanation
 from lumos.core.inputs import InputsLike, Structure
-from lumos.core.method import Attribution, Context, Method
+from lumos.core.method import Attribution, Context, Live, Method
 from lumos.core.model import hooks
 from lumos.core.targets import TargetLike
 
@@ -83,7 +83,7 @@ class CAMMethod(Method):
             )
         self.layers = None if layer is None else resolve_layers(self, layer)
         self.relu, self.upsample, self.reshape = bool(relu), bool(upsample), reshape
-        self._recorded: tuple | None = None  # the pipeline's forward pass, until `attribute`
+        self.single_pass = self.layers is not None  # see `live_forward`
 
     def _config(self) -> dict[str, Any]:
         reshape = self.reshape if not callable(self.reshape) else "callable"
@@ -125,28 +125,21 @@ class CAMMethod(Method):
         acts, grads = self.record(ctx, modules)
         return [self.combine(ctx, module, a, g) for module, a, g in zip(modules, acts, grads)]
 
-    def forward(
-        self, xs: Sequence[torch.Tensor], structure: Structure, *, grad: bool = False
-    ) -> Any:
-        """The pipeline's forward pass on the examples; it doubles as the recording pass (and,
-        for gradient methods, keeps the graph after the layer) when the layers are given and
-        the examples fit in one batch, which saves a forward pass per explanation."""
-        self._recorded = None
-        n = int(xs[0].shape[0])
-        if grad or self.layers is None or (self.batch_size is not None and n > self.batch_size):
-            return super().forward(xs, structure, grad=grad)
+    def live_forward(self, xs: Sequence[torch.Tensor], structure: Structure) -> Live:
+        """The pipeline's forward pass on the examples doubles as the recording pass (keeping
+        the graph after the layers for gradient methods) when the layers are given and the
+        examples fit in one batch: one forward pass fewer per explanation."""
         modules = [module for _, module in self.layers]
         with torch.set_grad_enabled(self.uses_gradients):
             output, acts = layer_pass(self, modules, xs, structure, leaf=self.uses_gradients)
-        self._recorded = (xs, output, acts)
-        return output
+        return Live(tuple(xs), output, acts)
 
     def raw_record(self, ctx: Context, modules: list[nn.Module]):
         """Activations (and, for gradient methods, target gradients) of every layer in the
         layer's own layout, batched over examples by `batch_size`."""
-        recorded, self._recorded = self._recorded, None
-        if recorded is not None and recorded[0] is ctx.inputs:
-            _, output, acts = recorded
+        live = ctx.take_live(self)
+        if live is not None:
+            output, acts = live.output, live.state
             if not self.uses_gradients:
                 return [a.detach() for a in acts], [None] * len(acts)
             values = ctx.target.select(output, torch.arange(ctx.n, device=ctx.device))
