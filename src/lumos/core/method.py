@@ -180,7 +180,7 @@ class Method:
         xs_model = tuple(x.detach().to(device) for x in xs)
         fused = self.single_pass and (self.batch_size is None or n <= self.batch_size)
         with preserved(self.model):
-            live = self.live_forward(xs_model, structure) if fused else None
+            live = self.live_forward(xs_model, structure, **call_options) if fused else None
             if live is None:
                 outputs = self.forward(xs_model, structure)
             else:
@@ -235,9 +235,12 @@ class Method:
                 parts.append(self.call([x[s] for x in xs], structure))
         return parts[0] if len(parts) == 1 else _concat(parts)
 
-    def live_forward(self, xs: Sequence[torch.Tensor], structure: Structure) -> Live:
+    def live_forward(
+        self, xs: Sequence[torch.Tensor], structure: Structure, **call_options: Any
+    ) -> Live | None:
         """The forward pass on the inputs with gradients, for `single_pass` methods; methods that
-        run a modified model (LRP's traced graph) override it."""
+        run a modified model (LRP's traced graph) override it, and may return None to decline
+        (the pipeline then runs its own forward)."""
         rows = tuple(x.detach().requires_grad_(True) for x in xs)
         with torch.enable_grad():
             return Live(rows, self.call(rows, structure))

@@ -11,20 +11,20 @@ keeps positive and negative differences apart through every linear step.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from lumos.attribution.baselines import background_set, resolve_baselines
-from lumos.attribution.propagation.canonizers import MergeBatchNorm, canonized
+from lumos.attribution.propagation.canonizers import MergeBatchNorm
 from lumos.attribution.propagation.graph import Graph, Layer, Step, Strategy, weighted_sum
-from lumos.attribution.propagation.lrp import keys_of, total
+from lumos.attribution.propagation.lrp import total
 from lumos.core.batching import chunks
 from lumos.core.errors import GradientError, UnsupportedModelError, unknown_name
 from lumos.core.explanation import Explanation
-from lumos.core.inputs import InputsLike
-from lumos.core.method import Attribution, Context, Method
+from lumos.core.inputs import InputsLike, Structure
+from lumos.core.method import Attribution, Context, Live, Method
 from lumos.core.registry import register
 from lumos.core.targets import TargetLike, output_tensor
 
@@ -242,36 +242,56 @@ class _DeepLiftBase(Method):
 
     def multipliers(
         self, ctx: Context, graph: Graph, refs: tuple[Tensor, ...], example: Tensor,
-        reference: Tensor,
+        reference: Tensor, first: tuple[tuple[Tensor, ...], Tensor] | None = None,
     ) -> tuple[tuple[Tensor, ...], Tensor]:  # fmt: skip
         """DeepLIFT for the pairs (input row `example[i]`, reference row `reference[i]`), built
         chunk by chunk: the contributions ``(x − x') ⊙ m`` summed per input example, and the
-        target's value at each pair's reference."""
+        target's value at each pair's reference. `first` is the `(rows, output)` of the pass
+        over all pairs when the pipeline already ran it (see `live_forward`)."""
         strategy = RULES[self.rule]()
         rows = int(example.shape[0])
         totals = tuple(torch.zeros_like(x) for x in ctx.inputs)
         f_ref = torch.empty(rows, dtype=torch.float64, device=ctx.device)
         step = None if self.batch_size is None else max(self.batch_size // strategy.copies, 1)
-        with canonized(graph, (MergeBatchNorm(),)):  # exact for differences; saves passes
-            for s in chunks(rows, step):
-                m, e = s.stop - s.start, example[s]
-                pairs = tuple((x[e], r[reference[s]]) for x, r in zip(ctx.inputs, refs))
-                xs = tuple(strategy.rows(x, r).requires_grad_(True) for x, r in pairs)
-                with torch.enable_grad():
-                    output = output_tensor(graph.run(strategy, xs, keys_of(ctx)))
-                    values = ctx.target.select(output, e.repeat(strategy.copies))
-                    if not values.requires_grad:
-                        raise GradientError(
-                            f"{self.name}: the model output does not depend on the inputs "
-                            "through differentiable operations."
-                        )
-                    seed = strategy.seeded(values, m)
-                    grads = torch.autograd.grad(seed, xs, allow_unused=True)
-                for total_, g, (x, r) in zip(totals, grads, pairs):
-                    if g is not None:
-                        total_.index_add_(0, e, strategy.contributions(x, r, g, m))
-                f_ref[s] = strategy.reference_values(values.detach(), m).double()
+        for s in chunks(rows, step):
+            m, e = s.stop - s.start, example[s]
+            pairs = tuple((x[e], r[reference[s]]) for x, r in zip(ctx.inputs, refs))
+            if first is None:
+                xs, output = self.pass_over(graph, strategy, pairs, ctx.structure)
+            else:
+                (xs, output), first = first, None
+            with torch.enable_grad():
+                values = ctx.target.select(output, e.repeat(strategy.copies))
+                if not values.requires_grad:
+                    raise GradientError(
+                        f"{self.name}: the model output does not depend on the inputs "
+                        "through differentiable operations."
+                    )
+                seed = strategy.seeded(values, m)
+                grads = torch.autograd.grad(seed, xs, allow_unused=True)
+            for total_, g, (x, r) in zip(totals, grads, pairs):
+                if g is not None:
+                    total_.index_add_(0, e, strategy.contributions(x, r, g, m))
+            f_ref[s] = strategy.reference_values(values.detach(), m).double()
         return totals, f_ref
+
+    def pass_over(
+        self, graph: Graph, strategy: Strategy, pairs: Sequence[tuple[Tensor, Tensor]],
+        structure: Structure,
+    ) -> tuple[tuple[Tensor, ...], Tensor]:  # fmt: skip
+        """The traced model on the strategy's rows of (input, reference) pairs, with gradients:
+        `(rows, output)`."""
+        xs = tuple(strategy.rows(x, r).requires_grad_(True) for x, r in pairs)
+        keys = structure.keys if structure.kind == "dict" else None
+        with torch.enable_grad(), self.calling(xs):
+            return xs, output_tensor(graph.run(strategy, xs, keys))
+
+    def graph(self) -> Graph:
+        """This call's traced copy of the model with BatchNorm merged (exact for differences;
+        saves passes); the copy is dropped afterwards, so nothing needs undoing."""
+        graph = Graph(self.model, self.name)
+        MergeBatchNorm().apply(graph)
+        return graph
 
 
 @register("deeplift", family="propagation", needs={"gradients"})
@@ -298,11 +318,33 @@ class DeepLift(_DeepLiftBase):
     ) -> Explanation:
         return self._run(inputs, target, baselines=baselines)
 
+    @property
+    def single_pass(self) -> bool:  # the Rescale rows [x; x'] hold the outputs on x
+        return self.rule == "rescale"
+
+    def live_forward(
+        self, xs: Sequence[Tensor], structure: Structure, baselines: Any = None
+    ) -> Live | None:
+        """The pass over ``[x; x']`` whose first half is the model's output on the inputs, so
+        the pipeline needs no forward of its own; declined when the rows exceed `batch_size`."""
+        n = int(xs[0].shape[0])
+        if self.batch_size is not None and 2 * n > self.batch_size:
+            return None
+        graph = self.graph()
+        refs = resolve_baselines(baselines, xs, structure)
+        pairs = tuple(zip(xs, refs))
+        rows, output = self.pass_over(graph, RescaleStrategy(), pairs, structure)
+        return Live(rows, output[:n], (graph, refs, (rows, output)))
+
     def attribute(self, ctx: Context, baselines: Any = None) -> Attribution:
-        graph = Graph(self.model, self.name)
-        refs = resolve_baselines(baselines, ctx.inputs, ctx.structure)
+        live = ctx.take_live(self)
+        if live is None:
+            graph, first = self.graph(), None
+            refs = resolve_baselines(baselines, ctx.inputs, ctx.structure)
+        else:
+            graph, refs, first = live.state
         index = torch.arange(ctx.n, device=ctx.device)
-        attributions, f_ref = self.multipliers(ctx, graph, refs, index, index)
+        attributions, f_ref = self.multipliers(ctx, graph, refs, index, index, first)
         delta = total(attributions) - (ctx.target_values().double() - f_ref)
         return Attribution(attributions, delta=delta)
 
@@ -328,7 +370,7 @@ class DeepLiftShap(_DeepLiftBase):
 
     def attribute(self, ctx: Context, baselines: Any = None) -> Attribution:
         background = background_set(baselines, ctx.inputs, ctx.structure, self.name)
-        graph = Graph(self.model, self.name)
+        graph = self.graph()
         n, k = ctx.n, int(background[0].shape[0])
         example = torch.arange(n, device=ctx.device).repeat_interleave(k)
         reference = torch.arange(k, device=ctx.device).repeat(n)

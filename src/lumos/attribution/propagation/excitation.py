@@ -67,7 +67,7 @@ class ExcitationBackprop(Method):
     def explain(self, inputs: InputsLike, target: TargetLike = "predicted") -> Explanation:
         return self._run(inputs, target)
 
-    def live_forward(self, xs: Sequence[Tensor], structure: Structure) -> Live:
+    def live_forward(self, xs: Sequence[Tensor], structure: Structure, **_: Any) -> Live:
         return graph_forward(self, *self._graph(), xs, structure)
 
     def _graph(self) -> tuple[Graph, RuleStrategy]:
