@@ -55,37 +55,41 @@ class _Rescale(torch.autograd.Function):
 
 
 class _MaxPoolRescale(torch.autograd.Function):
-    """Max pooling on ``[x; x']``: ``Δy`` is split between the winners of x and of x'."""
+    """Max pooling on ``[x; x']``: ``Δy`` is split between the winners of x and of x'.
+
+    The pooling runs once, with its own small autograd graph kept for the backward pass, which
+    routes the shares (and, where ``Δx = 0``, the plain gradient) through it.
+    """
 
     @staticmethod
     def forward(ctx, x: Tensor, fn: Callable) -> Tensor:
-        with torch.no_grad():
-            y = fn(x)
-        ctx.fn = fn
-        ctx.save_for_backward(x, y)
-        return y
+        with torch.enable_grad():
+            leaf = x.detach().requires_grad_(True)
+            out = fn(leaf)
+        ctx.leaf, ctx.out = leaf, out
+        return out.detach()
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, y = ctx.saved_tensors
+        leaf, out = ctx.leaf, ctx.out
+        x, y = leaf.detach(), out.detach()
         (y1, y0), (g1, g0), (x1, x0) = y.chunk(2), grad.chunk(2), x.chunk(2)
         y_top = torch.maximum(y1, y0)
         shares = torch.empty_like(grad)
         torch.mul(g1, y_top - y0, out=shares[: len(g1)])
         torch.mul(g0, y1 - y_top, out=shares[len(g1) :])
-        with torch.enable_grad():
-            leaf = x.detach().requires_grad_(True)
-            out = ctx.fn(leaf)
-        (routed,) = torch.autograd.grad(out, leaf, shares, retain_graph=True)
         dx = x1 - x0
         small = dx.abs() < EPS
+        any_small = bool(small.any())
+        (routed,) = torch.autograd.grad(out, leaf, shares, retain_graph=any_small)
         result = torch.empty_like(x)
         first = result[: len(x1)]
         torch.div(routed[: len(x1)] + routed[len(x1) :], dx.masked_fill_(small, 1.0), out=first)
         result[len(x1) :] = first
-        if bool(small.any()):
+        if any_small:
             (plain,) = torch.autograd.grad(out, leaf, grad)
             result = torch.where(small.repeat(2, *([1] * (x.dim() - 1))), plain, result)
+        del ctx.leaf, ctx.out
         return result, None
 
 
