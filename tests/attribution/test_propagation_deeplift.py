@@ -111,6 +111,32 @@ def test_deeplift_equals_captum_on_a_model_of_nn_modules():
     assert torch.allclose(ours, theirs, atol=1e-10)
 
 
+def test_a_shared_baseline_runs_once_and_equals_captum():
+    """Zeros (or any baseline equal on every row) run as one reference row."""
+    captum = pytest.importorskip("captum.attr")
+    model = modules_only()
+    x = torch.rand(3, 3, 16, 16, dtype=torch.float64)
+    for baselines, ref in [(None, torch.zeros_like(x)), (0.25, torch.full_like(x, 0.25))]:
+        ours = deeplift(model, x, [2, 0, 1], baselines=baselines)
+        theirs = captum.DeepLift(model).attribute(x, ref, target=[2, 0, 1])
+        assert torch.allclose(ours.attributions, theirs, atol=1e-10)
+        assert ours.delta.abs().max() < 1e-10
+
+
+def test_per_example_baselines_pair_with_their_own_example():
+    model = tiny_cnn().double()
+    x = torch.rand(4, 3, 16, 16, dtype=torch.float64)
+    refs = torch.rand(4, 3, 16, 16, dtype=torch.float64)
+    together = deeplift(model, x, 1, baselines=refs)
+    for batch_size in (None, 3):
+        chunked = deeplift(model, x, 1, baselines=refs, batch_size=batch_size)
+        assert torch.allclose(chunked.attributions, together.attributions, atol=1e-12)
+    for i in range(4):
+        alone = deeplift(model, x[i : i + 1], 1, baselines=refs[i : i + 1])
+        assert torch.allclose(alone.attributions[0], together.attributions[i], atol=1e-12)
+        assert torch.allclose(alone.delta, together.delta[i : i + 1], atol=1e-12)
+
+
 def test_deeplift_shap_equals_captum_on_a_model_of_nn_modules():
     captum = pytest.importorskip("captum.attr")
     model = modules_only()

@@ -1,12 +1,17 @@
 """DeepLIFT (Rescale and RevealCancel rules) and DeepLIFT-SHAP on the traced graph.
 
-The model runs once on the inputs and their baselines stacked into one batch ``[x; x']``; linear
-steps (layers, BatchNorm, sums, average pooling, reshapes) keep their gradient, which is exact
-for differences, and every nonlinearity's backward uses the multiplier ``Δy/Δx`` between the two
-halves instead of its derivative. Max pooling uses the DeepLIFT max-pool rule (as in Captum):
-the output difference is split between the positions that win for the input and for the
-baseline. The RevealCancel rule (`rule="reveal_cancel"`) runs ``[x'; Δ⁺; Δ⁻]`` instead and
-keeps positive and negative differences apart through every linear step.
+Rescale: the model first runs on the references alone, without gradients, recording the input
+and output of every nonlinearity; then it runs on the inputs with gradients, and every
+nonlinearity's backward uses the multiplier ``Δy/Δx`` against its recorded reference values
+instead of its derivative, while linear steps (layers, BatchNorm, sums, average pooling,
+reshapes) keep their gradient, which is exact for differences. Only the inputs are
+back-propagated (the references would carry the same multipliers), and a baseline shared by
+all examples (zeros, a number, one reference row) is run once, not once per example: DeepLIFT
+costs about one gradient plus a forward pass of the references. Max pooling uses the DeepLIFT
+max-pool rule (as in Captum): the output difference is split between the positions that win
+for the input and for the reference. The RevealCancel rule (`rule="reveal_cancel"`) runs
+``[x'; Δ⁺; Δ⁻]`` instead and keeps positive and negative differences apart through every
+linear step.
 """
 
 from __future__ import annotations
@@ -33,69 +38,64 @@ EPS = 1e-10  # |Δx| below which the multiplier is the derivative (Captum's thre
 
 
 class _Rescale(torch.autograd.Function):
-    """Elementwise ``y = f(x)`` on ``[x; x']``; backward multiplies by ``Δy/Δx``."""
+    """Elementwise ``y = f(x)``; backward multiplies by ``(y − y')/(x − x')`` against the
+    reference values ``x', y'`` (the derivative at x where ``|x − x'| < EPS``)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, fn: Callable) -> Tensor:
+    def forward(ctx, x: Tensor, fn: Callable, x_ref: Tensor, y_ref: Tensor) -> Tensor:
         with torch.no_grad():
             y = fn(x)
-            x1, x0 = x.chunk(2)
-            dx = x1 - x0
+            dx = x - x_ref
             small = dx.abs() < EPS
-            multiplier = (y.chunk(2)[0] - y.chunk(2)[1]) / dx.masked_fill(small, 1.0)
+            multiplier = (y - y_ref).div_(dx.masked_fill_(small, 1.0))
         if bool(small.any()):
-            multiplier = torch.where(small, _vjp(fn, x1, torch.ones_like(x1)), multiplier)
+            multiplier = torch.where(small, _vjp(fn, x, torch.ones_like(x)), multiplier)
         ctx.save_for_backward(multiplier)
         return y
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (multiplier,) = ctx.saved_tensors
-        return _both_halves(grad, multiplier), None
+        return grad * multiplier, None, None, None
 
 
 class _MaxPoolRescale(torch.autograd.Function):
-    """Max pooling on ``[x; x']``: ``Δy`` is split between the winners of x and of x'.
+    """Max pooling: ``Δy`` is split between the winners of the input and of the reference.
 
-    The pooling runs once, with its own small autograd graph kept for the backward pass, which
-    routes the shares (and, where ``Δx = 0``, the plain gradient) through it.
+    With the output's upstream multipliers g, the input receives
+    ``(J_xᵀ[g ⊙ (max(y, y') − y')] + J_x'ᵀ[g ⊙ (y − max(y, y'))]) / Δx``, where J are the
+    pooling Jacobians (routing to each one's winners); the plain gradient where ``Δx = 0``. The
+    input's pooling runs once, keeping its own small graph for the backward pass.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, fn: Callable) -> Tensor:
+    def forward(ctx, x: Tensor, fn: Callable, x_ref: Tensor, y_ref: Tensor) -> Tensor:
         with torch.enable_grad():
             leaf = x.detach().requires_grad_(True)
             out = fn(leaf)
-        ctx.leaf, ctx.out = leaf, out
+        ctx.leaf, ctx.out, ctx.fn = leaf, out, fn
+        ctx.save_for_backward(x_ref, y_ref)
         return out.detach()
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        leaf, out = ctx.leaf, ctx.out
+        leaf, out, fn = ctx.leaf, ctx.out, ctx.fn
+        x_ref, y_ref = ctx.saved_tensors
         x, y = leaf.detach(), out.detach()
-        (y1, y0), (g1, g0), (x1, x0) = y.chunk(2), grad.chunk(2), x.chunk(2)
-        y_top = torch.maximum(y1, y0)
-        shares = torch.empty_like(grad)
-        torch.mul(g1, y_top - y0, out=shares[: len(g1)])
-        torch.mul(g0, y1 - y_top, out=shares[len(g1) :])
-        dx = x1 - x0
+        y_top = torch.maximum(y, y_ref)
+        dx = x - x_ref
         small = dx.abs() < EPS
         any_small = bool(small.any())
-        (routed,) = torch.autograd.grad(out, leaf, shares, retain_graph=any_small)
-        result = torch.empty_like(x)
-        first = result[: len(x1)]
-        torch.div(routed[: len(x1)] + routed[len(x1) :], dx.masked_fill_(small, 1.0), out=first)
-        result[len(x1) :] = first
+        (routed,) = torch.autograd.grad(out, leaf, grad * (y_top - y_ref), retain_graph=any_small)
+        with torch.enable_grad():
+            leaf_ref = x_ref.detach().expand_as(x).requires_grad_(True)
+            (routed_ref,) = torch.autograd.grad(fn(leaf_ref), leaf_ref, grad * (y - y_top))
+        result = (routed + routed_ref).div_(dx.masked_fill_(small, 1.0))
         if any_small:
             (plain,) = torch.autograd.grad(out, leaf, grad)
-            result = torch.where(small.repeat(2, *([1] * (x.dim() - 1))), plain, result)
-        del ctx.leaf, ctx.out
-        return result, None
-
-
-def _both_halves(grad: Tensor, multiplier: Tensor) -> Tensor:
-    """``grad ⊙ [m; m]`` for a ``[x; x']`` batch without copying `m`."""
-    return (grad.view(2, *multiplier.shape) * multiplier).view_as(grad)
+            result = torch.where(small, plain, result)
+        del ctx.leaf, ctx.out, ctx.fn
+        return result, None, None, None
 
 
 def _vjp(fn: Callable, x: Tensor, grad: Tensor) -> Tensor:
@@ -105,32 +105,47 @@ def _vjp(fn: Callable, x: Tensor, grad: Tensor) -> Tensor:
     return g
 
 
+class _RecordReferences(Strategy):
+    """The plain forward pass of the references, keeping every nonlinearity's input and output
+    (appended per chunk of reference rows), by graph node."""
+
+    def __init__(self) -> None:
+        self.records: dict[Any, list[tuple[Tensor, Tensor]]] = {}
+
+    def _record(self, step: Step, fn: Callable, x: Tensor) -> Tensor:
+        y = fn(x)
+        self.records.setdefault(step.node, []).append((x, y))
+        return y
+
+    activation = max_pool = _record
+
+    def joined(self) -> dict[Any, tuple[Tensor, Tensor]]:
+        return {
+            step: tuple(torch.cat(part) if len(part) > 1 else part[0] for part in zip(*chunks_))
+            for step, chunks_ in self.records.items()
+        }
+
+
 class RescaleStrategy(Strategy):
-    """DeepLIFT's Rescale rule: multipliers for nonlinearities, gradients for linear steps.
+    """DeepLIFT's Rescale rule on the input rows: multipliers for nonlinearities against the
+    recorded reference values (row `index[r]` of the references for input row r, or the single
+    shared reference row), gradients for linear steps."""
 
-    Rows are ``[x; x']``; every row's output is a target (both halves carry the same
-    multipliers), and the attribution is ``(x − x') ⊙ m`` on the first half.
-    """
+    def __init__(self, references: dict[Any, tuple[Tensor, Tensor]]) -> None:
+        self.references = references
+        self.index: Tensor | None = None  # reference row of each input row; None: shared row
 
-    copies = 2
-
-    def rows(self, x: Tensor, ref: Tensor) -> Tensor:
-        return torch.cat([x, ref])
-
-    def seeded(self, values: Tensor, m: int) -> Tensor:
-        return values.sum()
-
-    def reference_values(self, values: Tensor, m: int) -> Tensor:
-        return values[m:]
-
-    def contributions(self, x: Tensor, ref: Tensor, grad: Tensor, m: int) -> Tensor:
-        return (x - ref) * grad[:m]
+    def _paired(self, step: Step) -> tuple[Tensor, Tensor]:
+        x_ref, y_ref = self.references[step.node]
+        if self.index is None:
+            return x_ref, y_ref
+        return x_ref[self.index], y_ref[self.index]
 
     def activation(self, step: Step, fn: Callable, x: Tensor) -> Tensor:
-        return _Rescale.apply(x, fn) if x.requires_grad else fn(x)
+        return _Rescale.apply(x, fn, *self._paired(step)) if x.requires_grad else fn(x)
 
     def max_pool(self, step: Step, fn: Callable, x: Tensor) -> Tensor:
-        return _MaxPoolRescale.apply(x, fn) if x.requires_grad else fn(x)
+        return _MaxPoolRescale.apply(x, fn, *self._paired(step)) if x.requires_grad else fn(x)
 
 
 class _RevealCancel(torch.autograd.Function):
@@ -164,7 +179,7 @@ def _mix(pos: Tensor, neg: Tensor, up: Callable, down: Callable) -> tuple[Tensor
     return up(pos) + down(neg), down(pos) + up(neg)
 
 
-class RevealCancelStrategy(RescaleStrategy):
+class RevealCancelStrategy(Strategy):
     """DeepLIFT's RevealCancel rule: positive and negative differences travel separately.
 
     Rows are ``[x'; Δ⁺; Δ⁻]`` with ``Δ⁺ = max(x − x', 0)``, ``Δ⁻ = min(x − x', 0)``; linear
@@ -227,7 +242,25 @@ class RevealCancelStrategy(RescaleStrategy):
         )
 
 
-RULES = {"rescale": RescaleStrategy, "reveal_cancel": RevealCancelStrategy}
+RULES = ("rescale", "reveal_cancel")
+
+
+class References:
+    """The references' forward pass: every nonlinearity's recorded input and output, the model
+    outputs at the references, and whether one row stands for all of them (`shared`)."""
+
+    def __init__(self, records: dict, outputs: Tensor, shared: bool) -> None:
+        self.records, self.outputs, self.shared = records, outputs, shared
+
+    def rows(self, refs: Sequence[Tensor], index: Tensor) -> tuple[Tensor, ...]:
+        """The reference row of each pair."""
+        return tuple(r[:1] if self.shared else r[index] for r in refs)
+
+    def values(self, target: Any, index: Tensor, example: Tensor) -> Tensor:
+        """The target at the reference of each pair."""
+        outputs = self.outputs
+        rows = outputs.expand(len(index), *outputs.shape[1:]) if self.shared else outputs[index]
+        return target.select(rows, example)
 
 
 class _DeepLiftBase(Method):
@@ -244,26 +277,87 @@ class _DeepLiftBase(Method):
     def _config(self) -> dict[str, Any]:
         return {**super()._config(), "rule": self.rule}
 
+    def graph(self) -> Graph:
+        """This call's traced copy of the model with BatchNorm merged (exact for differences;
+        saves passes); the copy is dropped afterwards, so nothing needs undoing."""
+        graph = Graph(self.model, self.name)
+        MergeBatchNorm().apply(graph)
+        return graph
+
+    def run_graph(
+        self, graph: Graph, strategy: Strategy, xs: Sequence[Tensor], structure: Structure,
+        grad: bool,
+    ) -> Tensor:  # fmt: skip
+        """The traced model on `xs` under `strategy`, model errors named with the shapes."""
+        keys = structure.keys if structure.kind == "dict" else None
+        with torch.set_grad_enabled(grad), self.calling(xs):
+            return output_tensor(graph.run(strategy, xs, keys))
+
+    def references(self, graph: Graph, refs: Sequence[Tensor], structure: Structure) -> References:
+        """Run the references once, without gradients, recording every nonlinearity; a
+        reference equal on every row (zeros, a number, one row) runs as that one row."""
+        shared = all(bool((r == r[:1]).all()) for r in refs)
+        rows = tuple(r[:1] for r in refs) if shared else tuple(refs)
+        recorder = _RecordReferences()
+        outputs = [
+            self.run_graph(graph, recorder, [r[s] for r in rows], structure, grad=False)
+            for s in chunks(int(rows[0].shape[0]), self.batch_size)
+        ]
+        return References(recorder.joined(), torch.cat(outputs), shared)
+
     def multipliers(
         self, ctx: Context, graph: Graph, refs: tuple[Tensor, ...], example: Tensor,
-        reference: Tensor, first: tuple[tuple[Tensor, ...], Tensor] | None = None,
+        reference: Tensor, first: tuple | None = None,
     ) -> tuple[tuple[Tensor, ...], Tensor]:  # fmt: skip
         """DeepLIFT for the pairs (input row `example[i]`, reference row `reference[i]`), built
-        chunk by chunk: the contributions ``(x − x') ⊙ m`` summed per input example, and the
-        target's value at each pair's reference. `first` is the `(rows, output)` of the pass
-        over all pairs when the pipeline already ran it (see `live_forward`)."""
-        strategy = RULES[self.rule]()
-        rows = int(example.shape[0])
+        chunk by chunk of `batch_size` input rows: the contributions ``(x − x') ⊙ m`` summed
+        per input example, and the target's value at each pair's reference. `first` is the
+        `(References, rows, output)` of the pipeline's pass when it already ran one (see
+        `live_forward`)."""
+        if self.rule == "reveal_cancel":
+            return self._reveal_cancel(ctx, graph, refs, example, reference)
+        pairs = int(example.shape[0])
         totals = tuple(torch.zeros_like(x) for x in ctx.inputs)
-        f_ref = torch.empty(rows, dtype=torch.float64, device=ctx.device)
-        step = None if self.batch_size is None else max(self.batch_size // strategy.copies, 1)
-        for s in chunks(rows, step):
-            m, e = s.stop - s.start, example[s]
-            pairs = tuple((x[e], r[reference[s]]) for x, r in zip(ctx.inputs, refs))
+        f_ref = torch.empty(pairs, dtype=torch.float64, device=ctx.device)
+        ready = self.references(graph, refs, ctx.structure) if first is None else first[0]
+        strategy = RescaleStrategy(ready.records)
+        for s in chunks(pairs, self.batch_size):
+            e, r = example[s], reference[s]
+            strategy.index = None if ready.shared else r
             if first is None:
-                xs, output = self.pass_over(graph, strategy, pairs, ctx.structure)
+                xs = tuple(x[e].detach().requires_grad_(True) for x in ctx.inputs)
+                output = self.run_graph(graph, strategy, xs, ctx.structure, grad=True)
             else:
-                (xs, output), first = first, None
+                (_, xs, output), first = first, None
+            with torch.enable_grad():
+                values = ctx.target.select(output, e)
+                if not values.requires_grad:
+                    raise GradientError(
+                        f"{self.name}: the model output does not depend on the inputs "
+                        "through differentiable operations."
+                    )
+                grads = torch.autograd.grad(values.sum(), xs, allow_unused=True)
+            for total_, g, x, ref in zip(totals, grads, xs, ready.rows(refs, r)):
+                if g is not None:
+                    total_.index_add_(0, e, (x.detach() - ref) * g)
+            f_ref[s] = ready.values(ctx.target, r, e).double()
+        return totals, f_ref
+
+    def _reveal_cancel(
+        self, ctx: Context, graph: Graph, refs: tuple[Tensor, ...], example: Tensor,
+        reference: Tensor,
+    ) -> tuple[tuple[Tensor, ...], Tensor]:  # fmt: skip
+        """`multipliers` with the RevealCancel rule: rows ``[x'; Δ⁺; Δ⁻]`` per chunk."""
+        strategy = RevealCancelStrategy()
+        pairs = int(example.shape[0])
+        totals = tuple(torch.zeros_like(x) for x in ctx.inputs)
+        f_ref = torch.empty(pairs, dtype=torch.float64, device=ctx.device)
+        step = None if self.batch_size is None else max(self.batch_size // strategy.copies, 1)
+        for s in chunks(pairs, step):
+            m, e = s.stop - s.start, example[s]
+            pairs_s = tuple((x[e], r[reference[s]]) for x, r in zip(ctx.inputs, refs))
+            xs = tuple(strategy.rows(x, r).requires_grad_(True) for x, r in pairs_s)
+            output = self.run_graph(graph, strategy, xs, ctx.structure, grad=True)
             with torch.enable_grad():
                 values = ctx.target.select(output, e.repeat(strategy.copies))
                 if not values.requires_grad:
@@ -271,31 +365,12 @@ class _DeepLiftBase(Method):
                         f"{self.name}: the model output does not depend on the inputs "
                         "through differentiable operations."
                     )
-                seed = strategy.seeded(values, m)
-                grads = torch.autograd.grad(seed, xs, allow_unused=True)
-            for total_, g, (x, r) in zip(totals, grads, pairs):
+                grads = torch.autograd.grad(strategy.seeded(values, m), xs, allow_unused=True)
+            for total_, g, (x, r) in zip(totals, grads, pairs_s):
                 if g is not None:
                     total_.index_add_(0, e, strategy.contributions(x, r, g, m))
             f_ref[s] = strategy.reference_values(values.detach(), m).double()
         return totals, f_ref
-
-    def pass_over(
-        self, graph: Graph, strategy: Strategy, pairs: Sequence[tuple[Tensor, Tensor]],
-        structure: Structure,
-    ) -> tuple[tuple[Tensor, ...], Tensor]:  # fmt: skip
-        """The traced model on the strategy's rows of (input, reference) pairs, with gradients:
-        `(rows, output)`."""
-        xs = tuple(strategy.rows(x, r).requires_grad_(True) for x, r in pairs)
-        keys = structure.keys if structure.kind == "dict" else None
-        with torch.enable_grad(), self.calling(xs):
-            return xs, output_tensor(graph.run(strategy, xs, keys))
-
-    def graph(self) -> Graph:
-        """This call's traced copy of the model with BatchNorm merged (exact for differences;
-        saves passes); the copy is dropped afterwards, so nothing needs undoing."""
-        graph = Graph(self.model, self.name)
-        MergeBatchNorm().apply(graph)
-        return graph
 
 
 @register("deeplift", family="propagation", needs={"gradients"})
@@ -323,22 +398,23 @@ class DeepLift(_DeepLiftBase):
         return self._run(inputs, target, baselines=baselines)
 
     @property
-    def single_pass(self) -> bool:  # the Rescale rows [x; x'] hold the outputs on x
+    def single_pass(self) -> bool:  # the Rescale pass over the inputs gives their outputs
         return self.rule == "rescale"
 
     def live_forward(
         self, xs: Sequence[Tensor], structure: Structure, baselines: Any = None
-    ) -> Live | None:
-        """The pass over ``[x; x']`` whose first half is the model's output on the inputs, so
-        the pipeline needs no forward of its own; declined when the rows exceed `batch_size`."""
-        n = int(xs[0].shape[0])
-        if self.batch_size is not None and 2 * n > self.batch_size:
-            return None
+    ) -> Live:
+        """The references' pass and the inputs' pass with gradients, whose output is the
+        model's output on the inputs, so the pipeline needs no forward pass of its own."""
         graph = self.graph()
         refs = resolve_baselines(baselines, xs, structure)
-        pairs = tuple(zip(xs, refs))
-        rows, output = self.pass_over(graph, RescaleStrategy(), pairs, structure)
-        return Live(rows, output[:n], (graph, refs, (rows, output)))
+        ready = self.references(graph, refs, structure)
+        strategy = RescaleStrategy(ready.records)
+        n = int(xs[0].shape[0])
+        strategy.index = None if ready.shared else torch.arange(n, device=xs[0].device)
+        rows = tuple(x.detach().requires_grad_(True) for x in xs)
+        output = self.run_graph(graph, strategy, rows, structure, grad=True)
+        return Live(rows, output, (graph, refs, (ready, rows, output)))
 
     def attribute(self, ctx: Context, baselines: Any = None) -> Attribution:
         live = ctx.take_live(self)
