@@ -1,6 +1,7 @@
-"""KernelSHAP vs exact Shapley values at equal model-evaluation budgets: lumos, shap's
-KernelExplainer (default l1_reg and l1_reg=False) and Captum's KernelShap, on an MLP with 14
-features. Prints a table, writes benchmarks/results/shapley.{json,md}.
+"""KernelSHAP vs exact Shapley values at equal model-evaluation budgets: lumos (with and
+without its James–Stein shrinkage), shap's KernelExplainer (default l1_reg and l1_reg=False)
+and Captum's KernelShap, on an MLP with 14 features. Prints a table, writes
+benchmarks/results/shapley.{json,md}.
 
     PYTHONPATH=src .venv/bin/python benchmarks/bench_shapley.py
 """
@@ -20,7 +21,7 @@ import lumos
 
 RESULTS = Path(__file__).parent / "results"
 N_FEATURES, N_EXAMPLES, TARGET = 14, 16, 1
-SEEDS = range(5)
+SEEDS = range(10)
 
 
 def mlp() -> nn.Module:
@@ -50,6 +51,7 @@ def compare(model, x, reference, phi, budget, f_numpy) -> list[dict]:
     captum = KernelShap(model)
     names = (
         "lumos kernel_shap",
+        "lumos kernel_shap (shrink=False)",
         "shap KernelExplainer (default l1_reg)",
         "shap KernelExplainer (l1_reg=False)",
         "captum KernelShap",
@@ -58,24 +60,27 @@ def compare(model, x, reference, phi, budget, f_numpy) -> list[dict]:
     seconds = {name: [] for name in names}
     stderr, actual, delta = [], [], []
     for seed in SEEDS:
-        exp, t = timed(
-            lambda seed=seed: lumos.explain(
-                model,
-                x,
-                method="kernel_shap",
-                target=TARGET,
-                baselines=reference,
-                n_samples=budget,
-                seed=seed,
+        for name, shrink in ((names[0], True), (names[1], False)):
+            exp, t = timed(
+                lambda seed=seed, shrink=shrink: lumos.explain(
+                    model,
+                    x,
+                    method="kernel_shap",
+                    target=TARGET,
+                    baselines=reference,
+                    n_samples=budget,
+                    seed=seed,
+                    shrink=shrink,
+                )
             )
-        )
-        estimate = exp.extras["phi"].numpy()
-        errors[names[0]].append(relative_error(estimate, phi))
-        seconds[names[0]].append(t)
-        stderr.append(float(exp.extras["stderr"].pow(2).mean().sqrt()))
-        actual.append(float(np.sqrt(((estimate - phi) ** 2).mean())))
-        delta.append(float(exp.delta.abs().max()))
-        for name, l1_reg in ((names[1], "num_features(10)"), (names[2], False)):
+            estimate = exp.extras["phi"].numpy()
+            errors[name].append(relative_error(estimate, phi))
+            seconds[name].append(t)
+            if shrink:
+                stderr.append(float(exp.extras["stderr"].pow(2).mean().sqrt()))
+                actual.append(float(np.sqrt(((estimate - phi) ** 2).mean())))
+                delta.append(float(exp.delta.abs().max()))
+        for name, l1_reg in ((names[2], "num_features(10)"), (names[3], False)):
             np.random.seed(seed)
             values, t = timed(
                 lambda l1_reg=l1_reg: explainer.shap_values(
@@ -99,8 +104,8 @@ def compare(model, x, reference, phi, budget, f_numpy) -> list[dict]:
                 ]
             ).numpy()
         )
-        errors[names[3]].append(relative_error(values, phi))
-        seconds[names[3]].append(t)
+        errors[names[4]].append(relative_error(values, phi))
+        seconds[names[4]].append(t)
     rows = [
         {
             "budget": budget,

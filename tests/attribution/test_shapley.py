@@ -11,7 +11,12 @@ import torch
 from torch import nn
 
 import lumos
-from lumos.attribution.shapley import KernelShap, coalition_plan, waterfall_figure
+from lumos.attribution.shapley import (
+    KernelShap,
+    coalition_plan,
+    rescaled_bootstrap,
+    waterfall_figure,
+)
 from lumos.core.errors import InputError
 
 
@@ -124,13 +129,82 @@ def test_kernel_shap_stops_early_when_the_standard_error_is_small():
     assert early.delta.abs().max() < 1e-5
 
 
-def test_kernel_shap_plan_enumerates_small_sizes_and_pairs_complements():
-    plan = coalition_plan(12, 200, torch.Generator().manual_seed(0))
-    sizes = plan.enumerated.sum(1)
-    assert set(sizes.tolist()) == {1, 11}
-    sampled = plan.sampled.view(-1, 2, 12)
+def test_kernel_shap_plan_enumerates_small_sizes_and_stratifies_distinct_pairs():
+    plan = coalition_plan(14, 2076, torch.Generator().manual_seed(0))
+    assert set(plan.enumerated.sum(1).tolist()) == {1, 2, 12, 13}
+    sampled = plan.sampled.view(-1, 2, 14)
     assert torch.equal(sampled[:, 0], ~sampled[:, 1])
-    assert len(plan.enumerated) + len(plan.sampled) <= 200
+    assert len(plan.enumerated) + len(plan.sampled) <= 2076
+    # every remaining size gets the same share of pairs (the middle size, its own complement,
+    # half), rounded by systematic sampling, and every prefix is spread the same way
+    sizes = sampled[:, 0].sum(1)
+    small = torch.minimum(sizes, 14 - sizes)
+    counts = torch.bincount(small, minlength=8)[3:].double()
+    share = torch.tensor([2, 2, 2, 2, 1.0]) / 9 * len(small)
+    assert (counts - share).abs().max() <= 1
+    first_half = torch.bincount(small[: len(small) // 2], minlength=8)[3:].double()
+    assert (first_half - share / 2).abs().max() <= 1
+    # without replacement: no pair twice (a size-7 pair counts once in either order)
+    canonical = torch.where(sampled[:, 0, :1], sampled[:, 0], sampled[:, 1])
+    assert len(torch.unique(canonical, dim=0)) == len(canonical)
+    # each stratum's coalitions share its exact kernel mass
+    m, s = 14, torch.arange(3, 12, dtype=torch.float64)
+    torch.testing.assert_close(
+        plan.weights(len(plan.strata)).sum(), ((m - 1) / (s * (m - s))).sum()
+    )
+
+
+def test_kernel_shap_plan_stays_within_the_budget_and_every_size_population():
+    for m in range(3, 9):
+        for budget in range(1, 2**m - 2):
+            plan = coalition_plan(m, budget, torch.Generator().manual_seed(budget))
+            assert len(plan.enumerated) + len(plan.sampled) <= budget
+            assert len(plan.enumerated) + len(plan.sampled) >= budget - 1
+            counts = torch.bincount(plan.strata, minlength=len(plan.population))
+            assert (counts <= plan.population).all()
+
+
+def test_rescaled_bootstrap_multipliers_average_one_and_vanish_for_a_full_stratum():
+    strata = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2])
+    population = torch.tensor([100.0, 3.0, 50.0])
+    multiplier = rescaled_bootstrap(strata, population, 4000, torch.Generator().manual_seed(0))
+    assert torch.equal(multiplier[:, 4:], torch.ones(4000, 4, dtype=torch.float64))
+    torch.testing.assert_close(
+        multiplier[:, :4].mean(0), torch.ones(4, dtype=torch.float64), atol=0.05, rtol=0
+    )
+
+
+def test_kernel_shap_is_exact_for_pairwise_interactions_at_any_budget():
+    torch.manual_seed(0)
+    a, b = torch.randn(10).double(), torch.randn(10, 10).double()
+
+    def quadratic(x: torch.Tensor) -> torch.Tensor:
+        score = x @ a + ((x @ b) * x).sum(1)
+        return torch.stack([score, -score], 1)
+
+    x = torch.randn(3, 10).double()
+    exact = lumos.explain(quadratic, x, method="exact_shapley", target=0).extras["phi"]
+    for budget in (24, 60, 300):
+        exp = lumos.explain(quadratic, x, method="kernel_shap", target=0, n_samples=budget)
+        torch.testing.assert_close(exp.extras["phi"], exact, atol=1e-6, rtol=0)
+
+
+def test_kernel_shap_shrinkage_lowers_the_error_at_a_small_budget():
+    torch.manual_seed(0)
+    model, x = mlp(14), torch.randn(8, 14)
+    exact = lumos.explain(model, x, method="exact_shapley", target=0).extras["phi"]
+
+    def error(shrink: bool) -> float:
+        total = 0.0
+        for seed in range(6):
+            exp = lumos.explain(
+                model, x, method="kernel_shap", target=0, n_samples=112, seed=seed, shrink=shrink
+            )
+            assert exp.delta.abs().max() < 1e-6
+            total += ((exp.extras["phi"] - exact).pow(2).sum(1) / exact.pow(2).sum(1)).mean()
+        return float(total)
+
+    assert error(True) < 0.95 * error(False)
 
 
 def test_shapley_sampling_converges_and_is_exactly_efficient(problem):

@@ -154,16 +154,34 @@ class ExactShapley(ShapleyMethod):
 class KernelShap(ShapleyMethod):
     """KernelSHAP: Shapley values as the solution of a weighted least-squares problem.
 
-    Lundberg & Lee (2017); sampling as improved by Covert & Lee (2021, paired complements,
-    standard errors, convergence stop) and Musco & Witter (2025, Leverage SHAP: coalition sizes
-    drawn uniformly, i.e. by leverage score, and re-weighted).
-    ``φ = argmin Σ_z μ(z) (v(z) − v(∅) − zᵀφ)²  s.t.  1ᵀφ = v(N) − v(∅)`` with the Shapley
-    kernel ``μ(z) = (M−1) / (C(M,|z|) |z| (M−|z|))``. When the budget covers all 2^M − 2
-    coalitions the values are exact; otherwise the smallest and largest coalition sizes are
-    enumerated while the budget allows (as in SHAP), the rest is sampled in complementary pairs
-    with importance weights, and the constrained problem is solved exactly, so efficiency holds
-    to float rounding (`delta`). ``extras["stderr"]`` is a bootstrap standard error over the
-    sampled pairs.
+    Lundberg & Lee (2017). ``φ = argmin Σ_z μ(z) (v(z) − v(∅) − zᵀφ)²  s.t.  1ᵀφ = v(N) − v(∅)``
+    with the Shapley kernel ``μ(z) = (M−1) / (C(M,|z|) |z| (M−|z|))``; the constrained problem is
+    solved exactly, so efficiency holds to float rounding (`delta`). When the budget covers all
+    2^M − 2 coalitions the values are exact. Otherwise:
+
+    - Enumeration: the smallest and largest sizes are evaluated in full, from the outside in,
+      while the budget's kernel-weighted share covers them (SHAP's rule).
+    - Sampling: the other sizes, in complementary pairs (Covert & Lee 2021), which makes the
+      estimate exact for every game whose interactions involve at most two players. Every
+      size gets the same share of pairs, i.e. coalitions are drawn by leverage score (Musco &
+      Witter 2025, Leverage SHAP); on the benchmark MLPs each size contributes about equally
+      to the variance, so this is also Neyman's optimal allocation. The sizes are strata:
+      the shares are rounded by systematic sampling instead of drawing a size per pair, pairs
+      are drawn without replacement within a size (as Leverage SHAP), and each size's
+      coalitions share its exact kernel mass, so neither duplicates nor random counts per
+      size add noise.
+    - Shrinkage (``shrink=True``): the enumerated sizes alone give a second estimate φ₀, also
+      exact for games of degree two, with a bias but no sampling noise. The result is the
+      positive-part James–Stein combination (James & Stein 1961; Efron & Morris 1973)
+      ``φ₀ + c (φ̂ − φ₀)``, ``c = max(0, 1 − (p−2)/p · tr Var φ̂ / ‖φ̂ − φ₀‖²)`` over the
+      p = M − 1 free coordinates, the variance from the bootstrap below. Both estimates are
+      efficient, so the combination is; c → 1 as the budget grows. On the benchmark MLP
+      (14 features, budget 8·M) it lowers the error by about 15%; with nothing enumerated
+      there is nothing to shrink towards.
+
+    ``extras["stderr"]`` is a bootstrap standard error of the unshrunk φ̂: pairs resampled
+    within their sizes with Rao & Wu's (1988) rescaling for sampling without replacement
+    (sizes holding a single pair pooled). With shrinkage it errs on the safe side.
 
     Options:
         n_samples: coalitions evaluated per example besides the empty and full ones (the
@@ -171,8 +189,10 @@ class KernelShap(ShapleyMethod):
             2·M + 2048 for inputs of at most 1,000 elements per example, 512 for larger ones
             (images, where each evaluation is a CNN forward pass).
         tol: stop early once every example's largest standard error is below `tol` × the
-            range of its values (Covert & Lee use 0.01); None uses the whole budget.
-        n_bootstrap: bootstrap replicates for the standard errors.
+            range of its values (Covert & Lee use 0.01); None uses the whole budget. The
+            sampled pairs are ordered so that every prefix is spread over the sizes.
+        n_bootstrap: bootstrap replicates for the standard errors (and the shrinkage).
+        shrink: James–Stein shrinkage towards the enumerated sizes' estimate.
     """
 
     def __init__(
@@ -182,6 +202,7 @@ class KernelShap(ShapleyMethod):
         n_samples: int | None = None,
         tol: float | None = None,
         n_bootstrap: int = 32,
+        shrink: bool = True,
         seed: int = 0,
         progress: bool = False,
         batch_size: int | None = None,
@@ -191,10 +212,15 @@ class KernelShap(ShapleyMethod):
         self.n_bootstrap = check_count(n_bootstrap, "n_bootstrap", 2)
         if tol is not None and not (isinstance(tol, (int, float)) and tol > 0):
             raise InputError(f"tol must be a positive number or None, got {tol!r}.")
-        self.tol = tol
+        self.tol, self.shrink = tol, bool(shrink)
 
     def _config(self) -> dict[str, Any]:
-        return {**super()._config(), "n_samples": self.n_samples, "tol": self.tol}
+        return {
+            **super()._config(),
+            "n_samples": self.n_samples,
+            "tol": self.tol,
+            "shrink": self.shrink,
+        }
 
     def shapley_values(self, ctx, players, refs, v0, v1):
         m = players.n_players
@@ -212,7 +238,7 @@ class KernelShap(ShapleyMethod):
             y = self.coalition_values(ctx, players, refs, plan.enumerated) - v0[:, None]
             w = plan.enumerated_weights.to(device)
             a_enum, b_enum = (z * w[:, None]).T @ z, (y * w) @ z
-        pairs = plan.sampled.shape[0] // 2
+        pairs = len(plan.strata)
         rounds = 1 if self.tol is None else min(8, max(pairs, 1))
         bounds = [pairs * (r + 1) // rounds for r in range(rounds)]
         done, ys = 0, []
@@ -228,78 +254,198 @@ class KernelShap(ShapleyMethod):
                 if ys
                 else torch.zeros(ctx.n, 0, dtype=torch.float64, device=device)
             )
-            w = plan.sampled_weights[: 2 * done].to(device) / max(2 * done, 1)
+            w = plan.weights(done).to(device)
             phi = solve_efficient(a_enum + (z * w[:, None]).T @ z, b_enum + (y * w) @ z, total)
-            stderr = self.bootstrap(a_enum, b_enum, z, w, y, total)
+            stderr = self.bootstrap(a_enum, b_enum, z, w, y, total, plan, done)
             spread = phi.max(1).values - phi.min(1).values
             if self.tol is not None and bool((stderr.max(1).values <= self.tol * spread).all()):
                 break
+        if self.shrink and len(plan.enumerated) and done >= 2:
+            phi = shrink_towards(phi, solve_efficient(a_enum, b_enum, total), stderr)
         extras = {"n_evaluations": len(plan.enumerated) + 2 * done, "exact": False}
         return phi, stderr, extras
 
-    def bootstrap(self, a_enum, b_enum, z, w, y, total) -> torch.Tensor:
-        """Standard errors from re-solving with the sampled pairs resampled with replacement
-        (all replicates in one batched solve)."""
-        pairs = z.shape[0] // 2
+    def bootstrap(self, a_enum, b_enum, z, w, y, total, plan, pairs) -> torch.Tensor:
+        """Standard errors from re-solving with the first `pairs` sampled pairs resampled within
+        their strata, Rao–Wu rescaled (all replicates in one batched solve)."""
         if pairs < 2:
             return torch.full_like(b_enum, float("nan"))
         generator = torch.Generator(device="cpu").manual_seed(int(self.seed) + 1)
-        picks = torch.randint(pairs, (self.n_bootstrap, pairs), generator=generator)
-        counts = torch.zeros(self.n_bootstrap, pairs, dtype=torch.float64)
-        counts.scatter_add_(1, picks, torch.ones_like(counts))
-        wb = w * counts.to(z.device).repeat_interleave(2, dim=1)  # (B, T)
+        multiplier = rescaled_bootstrap(
+            plan.strata[:pairs], plan.population, self.n_bootstrap, generator
+        )
+        wb = w * multiplier.to(z.device).repeat_interleave(2, dim=1)  # (B, T)
         a = a_enum + (z.T[None] * wb[:, None, :]) @ z
         b = b_enum + (y[None] * wb[:, None, :]) @ z
         return solve_efficient(a, b, total).std(0)
 
 
+def shrink_towards(phi: torch.Tensor, target: torch.Tensor, stderr: torch.Tensor) -> torch.Tensor:
+    """Positive-part James–Stein: ``target + c (φ − target)``, ``c = max(0, 1 − (p−2)/p · V /
+    ‖φ − target‖²)`` per example, V the summed variance of φ over its p = M − 1 free
+    coordinates (one is fixed by efficiency). No shrinkage for p ≤ 2."""
+    p = phi.shape[1] - 1
+    if p <= 2:
+        return phi
+    distance = (phi - target).pow(2).sum(1)
+    variance = stderr.pow(2).sum(1)
+    c = (1 - (p - 2) / p * variance / distance.clamp(min=1e-300)).clamp(0, 1)
+    c = torch.where(distance > 0, c, torch.ones_like(c))
+    return target + c[:, None] * (phi - target)
+
+
+def rescaled_bootstrap(
+    strata: torch.Tensor, population: torch.Tensor, n_bootstrap: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Rao–Wu (1988) bootstrap multipliers (B, P) for P units sampled without replacement
+    within strata: c − 1 draws with replacement among a stratum's c units, multiplier
+    ``1 − λ + λ·c/(c−1)·count`` with ``λ = √(1 − c/population)``. Strata holding a single
+    unit are pooled into one (collapsed strata), taken as an infinite population."""
+    counts = torch.bincount(strata, minlength=len(population))
+    lonely = counts[strata] == 1
+    group = torch.where(lonely, torch.full_like(strata, len(population)), strata)
+    sizes = torch.bincount(group, minlength=len(population) + 1)
+    pool = torch.cat([population.double(), torch.tensor([math.inf], dtype=torch.float64)])
+    order = group.argsort(stable=True)
+    start = sizes.cumsum(0) - sizes
+    draws = (sizes - 1).clamp(min=0)
+    slot = torch.repeat_interleave(torch.arange(len(sizes)), draws)
+    u = torch.rand(n_bootstrap, len(slot), generator=generator, dtype=torch.float64)
+    picks = order[start[slot] + (u * sizes[slot]).long().clamp(max=sizes[slot] - 1)]
+    hits = torch.zeros(n_bootstrap, len(strata), dtype=torch.float64)
+    hits.scatter_add_(1, picks, torch.ones_like(u))
+    c = sizes[group].double()
+    lam = (1 - c / pool[group]).clamp(min=0).sqrt()
+    multiplier = 1 - lam + lam * c / (c - 1).clamp(min=1) * hits
+    return torch.where(c > 1, multiplier, torch.ones_like(hits))
+
+
 class CoalitionPlan:
     """Which coalitions KernelSHAP evaluates: `enumerated` (all of the smallest and largest
-    sizes, with their exact kernel weights) and `sampled` (complementary pairs, adjacent rows,
-    with importance weights to be divided by the number of samples used)."""
+    sizes, with their exact kernel weights `enumerated_weights`) and `sampled` (complementary
+    pairs in adjacent rows; pair k belongs to stratum `strata[k]`, a size s ≤ M/2 and its
+    complement M − s, of kernel mass `mass[j]` and `population[j]` pairs in all)."""
 
-    def __init__(self, enumerated, enumerated_weights, sampled, sampled_weights) -> None:
+    def __init__(self, enumerated, enumerated_weights, sampled, strata, mass, population) -> None:
         self.enumerated, self.enumerated_weights = enumerated, enumerated_weights
-        self.sampled, self.sampled_weights = sampled, sampled_weights
+        self.sampled, self.strata = sampled, strata
+        self.mass, self.population = mass, population
+
+    def weights(self, pairs: int) -> torch.Tensor:
+        """Kernel weights of the first `pairs` sampled pairs (2·pairs rows): each stratum's
+        mass shared evenly by its sampled coalitions."""
+        strata = self.strata[:pairs]
+        counts = torch.bincount(strata, minlength=len(self.mass)).double()
+        return (self.mass[strata] / (2 * counts[strata])).repeat_interleave(2)
 
 
 def coalition_plan(m: int, budget: int, generator: torch.Generator) -> CoalitionPlan:
     """Enumerate size pairs (s, M−s) from the outside in while the budget's kernel-weighted
-    share covers them (SHAP's rule); sample the remaining sizes uniformly (leverage scores) in
-    complementary pairs, weighted by ``μ(z)/q(z)``."""
+    share covers them (SHAP's rule); share the remaining pairs equally among the remaining
+    sizes (leverage scores), capped at each size's population, round the shares by
+    systematic sampling and draw each size's pairs without replacement."""
     sizes = torch.arange(1, m, dtype=torch.float64)
-    mass = (m - 1) / (sizes * (m - sizes))  # kernel mass of each size: C(M,s)·μ(z)
-    remaining, remaining_mass = budget, float(mass.sum())
-    enumerated, weights, left = [], [], list(range(1, m))
+    size_mass = (m - 1) / (sizes * (m - sizes))  # kernel mass of each size: C(M,s)·μ(z)
+    remaining, remaining_mass = budget, float(size_mass.sum())
+    enumerated, weights, first = [], [], 1
     for s in range(1, m // 2 + 1):
         pair = [s] if s == m - s else [s, m - s]
         count = sum(math.comb(m, k) for k in pair)
-        pair_mass = float(sum(mass[k - 1] for k in pair))
+        pair_mass = float(sum(size_mass[k - 1] for k in pair))
         if count > remaining or count > remaining * pair_mass / remaining_mass + 1e-9:
             break
         for k in pair:
             subsets = _subsets_of_size(m, k)
             enumerated.append(subsets)
-            weights.append(torch.full((len(subsets),), float(mass[k - 1]) / math.comb(m, k)))
-            left.remove(k)
+            weights.append(torch.full((len(subsets),), float(size_mass[k - 1]) / math.comb(m, k)))
         remaining -= count
         remaining_mass -= pair_mass
+        first = s + 1
     if enumerated:
         z_enum, w_enum = torch.cat(enumerated), torch.cat(weights).double()
     else:
         z_enum, w_enum = torch.zeros(0, m, dtype=torch.bool), torch.zeros(0, dtype=torch.float64)
-    n_pairs = remaining // 2 if left else 0
-    left_t = torch.tensor(left, dtype=torch.long)
-    size = left_t[torch.randint(len(left), (n_pairs,), generator=generator)] if left else left_t
-    order = torch.rand(n_pairs, m, generator=generator).argsort(1)
-    ranks = order.argsort(1)
-    first = ranks < size[:, None]
-    sampled = torch.stack([first, ~first], 1).reshape(2 * n_pairs, m)
-    s = sampled.sum(1).double()
-    # μ(z)/q(z) with q(z) = 1/(len(left)·C(M,s)); sizes in `left` are symmetric, so a pair's
-    # two halves carry the same weight
-    w_samp = (m - 1) / (s * (m - s)) * len(left)
-    return CoalitionPlan(z_enum, w_enum, sampled, w_samp)
+    strata = list(range(first, m // 2 + 1))
+    middle = [2 * s == m for s in strata]
+    mass = torch.tensor(
+        [float(size_mass[s - 1]) * (1 if mid else 2) for s, mid in zip(strata, middle)],
+        dtype=torch.float64,
+    )
+    population = torch.tensor(
+        [math.comb(m, s) // (2 if mid else 1) for s, mid in zip(strata, middle)],
+        dtype=torch.float64,
+    )
+    share = torch.tensor([1.0 if mid else 2.0 for mid in middle], dtype=torch.float64)
+    n_pairs = remaining // 2 if strata else 0
+    allocation = _water_fill(float(n_pairs), share, population)
+    # systematic sampling: pair k lies at k + u on the cumulated allocations
+    ends = allocation.cumsum(0)
+    offset = torch.rand(1, generator=generator, dtype=torch.float64)
+    at = torch.arange(n_pairs, dtype=torch.float64) + offset
+    label = torch.searchsorted(ends, at, right=True).clamp(max=max(len(strata) - 1, 0))
+    label = label[_spread_order(n_pairs)]
+    sampled = torch.zeros(2 * n_pairs, m, dtype=torch.bool)
+    for j, s in enumerate(strata):
+        rows = (label == j).nonzero()[:, 0]
+        if len(rows):
+            half = _distinct_subsets(m, s, len(rows), generator)
+            sampled[2 * rows], sampled[2 * rows + 1] = half, ~half
+    return CoalitionPlan(z_enum, w_enum, sampled, label, mass, population)
+
+
+def _water_fill(total: float, share: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
+    """`total` split in proportion to `share`, no part above its `cap` (the excess goes to the
+    others in proportion); assumes ``total ≤ Σ cap``."""
+    allocation = torch.zeros_like(share)
+    free = torch.ones_like(share, dtype=torch.bool)
+    while bool(free.any()):
+        part = total * share / share[free].sum()
+        full = free & (part >= cap)
+        if not bool(full.any()):
+            return torch.where(free, part, allocation)
+        allocation[full] = cap[full]
+        total -= float(cap[full].sum())
+        free &= ~full
+    return allocation
+
+
+def _spread_order(n: int) -> torch.Tensor:
+    """0..n−1 in bit-reversed (van der Corput) order, so every prefix is spread evenly."""
+    bits = max(1, (n - 1).bit_length())
+    codes = torch.arange(2**bits)
+    reversed_codes = torch.zeros_like(codes)
+    for b in range(bits):
+        reversed_codes |= ((codes >> b) & 1) << (bits - 1 - b)
+    return reversed_codes[reversed_codes < n]
+
+
+def _distinct_subsets(m: int, s: int, count: int, generator: torch.Generator) -> torch.Tensor:
+    """`count` distinct random coalitions of size s, as (count, m) bool, in random order. For
+    s = M/2 a coalition and its complement count as one (the canonical one holds player 0)."""
+    middle = 2 * s == m
+    population = math.comb(m - 1, s - 1) if middle else math.comb(m, s)
+    if population <= 2 * count:  # few enough to list (at most twice the budget)
+        if middle:
+            rest = _subsets_of_size(m - 1, s - 1)
+            every = torch.cat([torch.ones(len(rest), 1, dtype=torch.bool), rest], 1)
+        else:
+            every = _subsets_of_size(m, s)
+        return every[torch.randperm(population, generator=generator)[:count]]
+    z = _random_subsets(m, s, count, generator)
+    index = torch.arange(count)
+    while True:
+        key = torch.where(z[:, :1], z, ~z) if middle else z
+        inverse = torch.unique(key, dim=0, return_inverse=True)[1]
+        first = torch.full((count,), count).scatter_reduce(0, inverse, index, "amin")
+        repeat = first[inverse] != index
+        if not bool(repeat.any()):
+            return z
+        z[repeat] = _random_subsets(m, s, int(repeat.sum()), generator)
+
+
+def _random_subsets(m: int, s: int, count: int, generator: torch.Generator) -> torch.Tensor:
+    ranks = torch.rand(count, m, generator=generator).argsort(1).argsort(1)
+    return ranks < s
 
 
 def _subsets_of_size(m: int, k: int) -> torch.Tensor:
