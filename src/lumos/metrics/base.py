@@ -1,20 +1,25 @@
 """What every metric shares: the metric registry, attribution maps, ranks, and a model runner
-that scores many perturbed rows per example in big batched forwards on the model's device."""
+that scores many perturbed rows per example in big batched forwards on the model's device.
+
+Inputs may be a tensor, a tuple or a dict of tensors, as for the attribution methods: they are
+flattened once (`lumos.core.inputs.flatten_inputs`) into one tensor per input, rows are built
+per input, and the model is called in the inputs' structure (`call_model`). Attributions then
+come in the same structure, and metrics that rank features rank those of all inputs jointly.
+"""
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
-from lumos.attribution.baselines import resolve_baselines
 from lumos.core.batching import check_batch_size, chunks
 from lumos.core.errors import InputError, unknown_name
-from lumos.core.inputs import Structure, call_model, flatten_inputs
+from lumos.core.inputs import Structure, as_tensor, batch_size_of, call_model, flatten_inputs
 from lumos.core.model import check_model, model_device, preserved
 from lumos.core.targets import Target, TargetLike, output_tensor, resolve_target
 
@@ -31,7 +36,8 @@ FAMILIES = (
 #: the method, not just its attributions).
 NEEDS = ("model", "masks", "explainer")
 _METRICS: dict[str, MetricInfo] = {}
-_TENSOR = Structure("tensor", ("input",))
+#: One tensor per model input, in the inputs' order (see `lumos.core.inputs.flatten_inputs`).
+Tensors = tuple[torch.Tensor, ...]
 
 
 @dataclass(frozen=True)
@@ -98,17 +104,118 @@ def metrics(family: str | None = None) -> list[MetricInfo]:
 
 
 # -- attributions and masks ---------------------------------------------------------------------
-def as_batch(value: Any, what: str) -> torch.Tensor:
-    """A single batch-first tensor from a tensor, an array or an `Explanation`."""
+#: What to do with the attributions of a multi-input model where one map is scored.
+ONE_MAP = (
+    " This metric scores one map: pass one input's attributions, e.g. exp.attributions[0] "
+    "(tuple inputs) or exp.attributions['image'] (dict inputs)."
+)
+
+
+def as_batch(value: Any, what: str, hint: str = "") -> torch.Tensor:
+    """A single batch-first tensor from a tensor, an array or an `Explanation` of one tensor;
+    `hint` tells what to pass instead of several tensors."""
     flat = getattr(value, "attributions_flat", None)
     if flat is not None:
         if len(flat) != 1:
-            raise InputError(f"{what}: metrics take one attribution tensor, got {len(flat)}.")
+            raise InputError(
+                f"{what}: the explanation holds {len(flat)} tensors (one per model input), "
+                f"but this takes one.{hint}"
+            )
         value = flat[0]
     tensors, structure = flatten_inputs(value)
     if structure.kind != "tensor":
-        raise InputError(f"{what} must be one tensor (batch first), not a {structure.kind}.")
+        raise InputError(
+            f"{what} must be one tensor (batch first), not a {structure.kind} of "
+            f"{len(tensors)} tensors.{hint}"
+        )
     return tensors[0]
+
+
+def attribution_parts(
+    value: Any, n: int | None = None, what: str = "attributions"
+) -> tuple[Tensors, Structure]:
+    """The tensors of attributions in any structure (an `Explanation`, a tensor, a tuple or a
+    dict), sharing one batch size (`n` rows when given), and that structure — for metrics that
+    compare two explanations with each other rather than with the inputs."""
+    if hasattr(value, "attributions_flat"):
+        value = value.attributions
+    try:
+        parts, structure = flatten_inputs(value)
+    except InputError as exc:
+        raise InputError(f"{what}: {exc}") from None
+    if n is not None:
+        _check_rows(parts, structure, n, what)
+    return parts, structure
+
+
+def as_attributions(
+    value: Any, structure: Structure, n: int, what: str = "attributions"
+) -> Tensors:
+    """Attributions in the structure `structure` (the inputs', usually) as one tensor per
+    input in its order, each with a batch of `n` rows; an `Explanation` gives its attributions.
+
+    A dict is matched by keys, so its order does not matter; a mismatch is an `InputError`
+    that says what to pass.
+    """
+    if hasattr(value, "attributions_flat"):
+        value = value.attributions
+    if structure.kind == "tensor":
+        if isinstance(value, (Mapping, tuple, list)):
+            raise InputError(
+                f"The inputs are one tensor, so {what} must be one tensor of their shape, "
+                f"not a {type(value).__name__}."
+            )
+        parts = (as_batch(value, what),)
+    else:
+        if isinstance(value, (torch.Tensor, np.ndarray)):
+            raise InputError(
+                f"The inputs are a {structure.kind} of {len(structure.keys)} tensors, so {what} "
+                f"must be a {structure.kind} with one attribution tensor per input, e.g. "
+                "exp.attributions of lumos.explain on these inputs; got a single tensor."
+            )
+        parts = tuple(
+            as_tensor(v, f"{what} for {input_name(structure, i)}")
+            for i, v in enumerate(structure.flatten(value, what))
+        )
+    _check_rows(parts, structure, n, what)
+    return parts
+
+
+def _check_rows(parts: Tensors, structure: Structure, n: int, what: str) -> None:
+    for i, a in enumerate(parts):
+        if a.dim() == 0 or a.shape[0] != n:
+            where = "" if structure.kind == "tensor" else f" for {input_name(structure, i)}"
+            raise InputError(
+                f"{what}{where} have shape {tuple(a.shape)}: pass one row per example, {n} "
+                "rows (batch first)."
+            )
+
+
+def same_shapes(expected: Tensors, got: Tensors, what: str) -> None:
+    """Two explanations of the same inputs must have tensors of the same shapes to compare."""
+    shapes = [tuple(t.shape[1:]) for t in expected]
+    if [tuple(t.shape[1:]) for t in got] != shapes:
+        found = [tuple(t.shape[1:]) for t in got]
+        raise InputError(
+            f"{what} have per-example shapes {found}, but the explanation they are compared "
+            f"with has {shapes}: given attributions must come from the same method on the "
+            "same inputs."
+        )
+
+
+def joined(tensors: Tensors) -> torch.Tensor:
+    """``(B, F)``: the elements of every tensor of an example side by side, in input order."""
+    if len(tensors) == 1:
+        return tensors[0].flatten(1)
+    return torch.cat([t.flatten(1) for t in tensors], 1)
+
+
+def input_name(structure: Structure, i: int) -> str:
+    """How messages name input `i`: ``inputs``, ``inputs[1]`` or ``inputs['image']``."""
+    if structure.kind == "tensor":
+        return "inputs"
+    key = structure.keys[i]
+    return f"inputs[{key!r}]" if structure.kind == "dict" else f"inputs[{key}]"
 
 
 def attribution_map(attributions: Any, reduce: str = "sum") -> torch.Tensor:
@@ -118,7 +225,7 @@ def attribution_map(attributions: Any, reduce: str = "sum") -> torch.Tensor:
     default: relevance of a pixel is the sum over its colour channels), ``abs_sum`` or
     ``max_abs``. CAM maps ``(B, 1, H, W)`` lose their channel axis; other shapes stay.
     """
-    a = as_batch(attributions, "attributions").detach()
+    a = as_batch(attributions, "attributions", ONE_MAP).detach()
     if not a.is_floating_point():
         a = a.float()
     if a.dim() != 4:
@@ -183,9 +290,12 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class ModelRunner:
     """Scores rows built from the inputs with the model, `batch_size` rows per forward.
 
-    The inputs go to the model's device once; `target` is resolved once on the inputs, so every
-    perturbed row of example i is scored on example i's target class. `probability` scores the
-    softmax probability of the target (Petsiuk et al.'s curves) instead of its logit.
+    The inputs (a tensor, a tuple or a dict of tensors, as the model takes them) go to the
+    model's device once as `xs`, one tensor per input; rows are tuples in the same order, and
+    the model is called as the inputs imply (`call_model`). `target` is resolved once on the
+    inputs, so every perturbed row of example i is scored on example i's target class.
+    `probability` scores the softmax probability of the target (Petsiuk et al.'s curves)
+    instead of its logit.
     """
 
     def __init__(
@@ -200,12 +310,12 @@ class ModelRunner:
         check_model(model)
         self.model, self.probability = model, probability
         self.batch_size = check_batch_size(batch_size)
-        x = as_batch(inputs, "inputs")
-        self.device = model_device(model, x.device)
-        self.x = x.detach().to(self.device)
-        self.n = int(self.x.shape[0])
+        tensors, self.structure = flatten_inputs(inputs)
+        self.device = model_device(model, tensors[0].device)
+        self.xs: Tensors = tuple(x.detach().to(self.device) for x in tensors)
+        self.n = batch_size_of(self.xs)
         with preserved(model), torch.no_grad():
-            parts = [call_model(model, (self.x[s],), _TENSOR) for s in chunks(self.n, batch_size)]
+            parts = [self.call(self.rows(s)) for s in chunks(self.n, batch_size)]
         outputs = parts[0] if len(parts) == 1 else torch.cat([output_tensor(p) for p in parts])
         self.target: Target = resolve_target(target, outputs, self.n)
         #: the number of classes for class-index targets (None for callable or scalar targets)
@@ -215,6 +325,23 @@ class ModelRunner:
         self.index = torch.arange(self.n, device=self.device)
         self.values = self._select(outputs, self.index)
 
+    @property
+    def inputs(self) -> Any:
+        """The inputs on the model's device, in the user's structure (what explainers take)."""
+        return self.structure.restore(self.xs)
+
+    def rows(self, index: Any) -> Tensors:
+        """Rows `index` (a slice or example indices) of every input."""
+        return tuple(x[index] for x in self.xs)
+
+    def call(self, rows: Tensors) -> Any:
+        return call_model(self.model, rows, self.structure)
+
+    def attributions(self, value: Any, what: str = "attributions") -> Tensors:
+        """Attributions in the inputs' structure, one tensor per input on the model's device."""
+        parts = as_attributions(value, self.structure, self.n, what)
+        return tuple(a.detach().to(self.device) for a in parts)
+
     def _select(self, outputs: Any, example_index: torch.Tensor) -> torch.Tensor:
         if self.probability and not self.target.is_callable:
             out = output_tensor(outputs)
@@ -223,14 +350,14 @@ class ModelRunner:
         return self.target.select(outputs, example_index).detach()
 
     def score(
-        self, make_rows: Callable[[slice], torch.Tensor], n_rows: int, example_index: torch.Tensor
+        self, make_rows: Callable[[slice], Tensors], n_rows: int, example_index: torch.Tensor
     ) -> torch.Tensor:
-        """The target score of `n_rows` generated rows; row r belongs to `example_index[r]`."""
+        """The target score of `n_rows` generated rows (one tensor per input); row r belongs
+        to `example_index[r]`."""
         out = torch.empty(n_rows, device=self.device, dtype=torch.float64)
         with preserved(self.model), torch.no_grad():
             for s in chunks(n_rows, self.batch_size):
-                rows = make_rows(s)
-                outputs = call_model(self.model, (rows,), _TENSOR)
+                outputs = self.call(make_rows(s))
                 out[s] = self._select(outputs, example_index[s]).double()
         return out
 
@@ -239,74 +366,6 @@ class ModelRunner:
         if self.target.indices is not None:
             return self.target.indices.clone()
         return self.target.fn
-
-
-def fill_values(x: torch.Tensor, baseline: Any, seed: int = 0) -> torch.Tensor:
-    """What removed features are replaced by: a number, a tensor, or a name (``zeros``,
-    ``uniform`` (seeded noise in each example's range), ``blur``, ``mean``) as for baselines."""
-    if not x.is_floating_point():
-        if isinstance(baseline, int) and not isinstance(baseline, bool):
-            return torch.full_like(x, baseline)
-        raise InputError(
-            "Integer inputs (token ids) are perturbed by replacing them with a token: pass "
-            "baseline=<int token id>, e.g. the padding or [MASK] id."
-        )
-    return resolve_baselines(baseline, (x,), _TENSOR, seed=seed)[0]
-
-
-class Features:
-    """The features a perturbation metric removes: pixels (or `patch_size` patches) of images,
-    else every element of an example. `scores` has one attribution score per feature."""
-
-    def __init__(self, x: torch.Tensor, attributions: Any, patch_size: int = 1, reduce="sum"):
-        a = as_batch(attributions, "attributions").to(x.device)
-        if a.shape[0] != x.shape[0]:
-            raise InputError(f"Got attributions for {a.shape[0]} examples but {x.shape[0]} inputs.")
-        self.image = x.dim() == 4 and a.dim() == 4 and a.shape[-2:] == x.shape[-2:]
-        self.shape = x.shape
-        self.patch = int(patch_size)
-        if self.image:
-            m = attribution_map(a, reduce).unsqueeze(1)
-            if self.patch > 1:
-                m = F.avg_pool2d(m, self.patch, ceil_mode=True) * self.patch**2
-            self.grid = m.shape[-2:]
-            self.scores = m.flatten(1)
-        elif a.shape == x.shape:
-            self.scores = a.detach().float().flatten(1)
-        else:
-            raise InputError(
-                f"attributions of shape {tuple(a.shape)} do not match the inputs "
-                f"{tuple(x.shape)}: pass attributions with the inputs' shape, or (B, 1, H, W) "
-                "maps at the images' resolution."
-            )
-        self.count = int(self.scores.shape[1])
-
-    def expand(self, selected: torch.Tensor) -> torch.Tensor:
-        """A ``(R, F)`` bool feature selection as a mask broadcastable to rows of the inputs."""
-        if not self.image:
-            return selected.view(-1, *self.shape[1:])
-        m = selected.view(-1, 1, *self.grid)
-        if self.patch > 1:
-            m = m.repeat_interleave(self.patch, 2).repeat_interleave(self.patch, 3)
-            m = m[..., : self.shape[-2], : self.shape[-1]]
-        return m
-
-    def order(self, order: str, seed: int = 0) -> torch.Tensor:
-        """Each feature's position in the removal order (0 = removed first), ``(B, F)``.
-
-        ``morf``: most relevant first; ``lerf``: least relevant first; ``random``: seeded.
-        """
-        if order == "random":
-            generator = torch.Generator(device="cpu").manual_seed(seed)
-            keys = torch.rand(self.scores.shape, generator=generator).to(self.scores.device)
-        elif order in ("morf", "lerf"):
-            keys = -self.scores if order == "morf" else self.scores
-        else:
-            raise unknown_name("removal order", order, ("morf", "lerf", "random"))
-        idx = keys.argsort(dim=1, stable=True)
-        position = torch.empty_like(idx)
-        position.scatter_(1, idx, torch.arange(self.count, device=idx.device).expand_as(idx))
-        return position
 
 
 def batched_rows(n: int, repeats: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -326,8 +385,9 @@ def call_with(fn: Callable, available: dict[str, Any], options: dict[str, Any]) 
 
 
 def explainer_for(method: Any, options: dict[str, Any] | None = None) -> Callable:
-    """A function ``(model, inputs, target) -> attribution tensor`` from a method name (with its
-    options) or a callable with that signature."""
+    """A function ``(model, inputs, target) -> attributions`` from a method name (with its
+    options) or a callable with that signature. Inputs come in the user's structure (a tensor,
+    a tuple or a dict); attributions go back in it (or as an `Explanation`)."""
     if callable(method) and not isinstance(method, str):
         return method
     if not isinstance(method, str):
@@ -339,22 +399,27 @@ def explainer_for(method: Any, options: dict[str, Any] | None = None) -> Callabl
 
     options = dict(options or {})
 
-    def run(model: Callable, inputs: torch.Tensor, target: Any) -> torch.Tensor:
-        return as_batch(explain(model, inputs, method=method, target=target, **options), method)
+    def run(model: Callable, inputs: Any, target: Any) -> Any:
+        return explain(model, inputs, method=method, target=target, **options).attributions
 
     return run
 
 
 def explain_rows(
     explainer: Callable,
-    model: Callable,
-    make_rows: Callable[[slice], torch.Tensor],
+    runner: ModelRunner,
+    make_rows: Callable[[slice], Tensors],
     n_rows: int,
-    targets: Any,
+    structure: Structure,
     example_index: torch.Tensor,
     batch_size: int | None,
-) -> Iterator[tuple[slice, torch.Tensor]]:
-    """Explanations of generated rows, `batch_size` rows per call, each on its example's target."""
+) -> Iterator[tuple[slice, Tensors]]:
+    """Explanations of generated rows, `batch_size` rows per call, each on its example's target
+    and flattened from `structure` (that of the unperturbed inputs' explanation)."""
+    targets = runner.target_argument()
     for s in chunks(n_rows, batch_size):
         target = targets[example_index[s].cpu()] if isinstance(targets, torch.Tensor) else targets
-        yield s, explainer(model, make_rows(s), target).detach().to(example_index.device)
+        rows = runner.structure.restore(make_rows(s))
+        value = explainer(runner.model, rows, target)
+        parts = as_attributions(value, structure, s.stop - s.start, "the explainer's attributions")
+        yield s, tuple(a.detach().to(runner.device) for a in parts)

@@ -13,11 +13,13 @@ from typing import Any
 import torch
 
 from lumos.core.errors import InputError, LumosError, require, unknown_name
+from lumos.core.inputs import flatten_inputs
 from lumos.core.registry import get_method, method_options
 from lumos.core.targets import TargetLike
 from lumos.metrics.base import (
     ModelRunner,
     as_batch,
+    attribution_parts,
     call_with,
     explainer_for,
     get_metric,
@@ -57,8 +59,10 @@ class EvaluationResult:
     curves: dict[tuple[str, str], Any] = field(default_factory=dict)
     not_applicable: dict[tuple[str, str], str] = field(default_factory=dict)
     method_errors: dict[str, str] = field(default_factory=dict)
-    attributions: dict[str, torch.Tensor] = field(default_factory=dict)
-    inputs: torch.Tensor | None = None
+    #: each method's attributions on the CPU, in the structure of its explanation
+    attributions: dict[str, Any] = field(default_factory=dict)
+    #: the inputs on the CPU, in the user's structure (a tensor, a tuple or a dict)
+    inputs: Any = None
     masks: torch.Tensor | None = None
     seconds: dict[tuple[str, str], float] = field(default_factory=dict)
 
@@ -241,10 +245,17 @@ def evaluate(
     ("predicted" → the predicted classes), so every method and metric explains the same class.
     A metric that does not apply (no `masks`, no gradients, a map of the wrong shape) records
     its reason instead of failing. `batch_size` bounds every forward; `seed` fixes every draw.
+
+    `inputs` may be a tuple or dict of tensors for a model that takes several inputs
+    (``model(*inputs)`` or ``model(**inputs)``): methods explain all of them, and the metrics
+    that run the model score the attributions of all inputs together (see each metric).
+    Localisation and complexity metrics score one map, so they are "not applicable" to
+    multi-input attributions; call them on one input's attributions instead.
     """
     if (methods is None) == (explanations is None):
         raise InputError("Pass either methods=[names] or explanations=[Explanation, ...].")
-    x = as_batch(inputs, "inputs")
+    tensors, structure = flatten_inputs(inputs)
+    x = structure.restore(tensors)
     runner = ModelRunner(model, x, targets)
     target = runner.target_argument()
     names = list(metrics) if metrics is not None else list(DEFAULT_METRICS)
@@ -259,7 +270,8 @@ def evaluate(
             if option not in accepted:
                 raise unknown_name(f"option of metric {info.name!r}", option, accepted)
     mask_tensor = None if masks is None else as_batch(masks, "masks")
-    result = EvaluationResult(methods=[], metrics=names, inputs=x.detach().cpu(), masks=mask_tensor)
+    on_cpu = structure.restore([t.detach().cpu() for t in tensors])
+    result = EvaluationResult(methods=[], metrics=names, inputs=on_cpu, masks=mask_tensor)
 
     runs: list[tuple[str, Any, Callable | None]] = []
     for name in methods or ():
@@ -269,17 +281,16 @@ def evaluate(
                 name, (method_options or {}).get(name, {}), layer, batch_size, seed
             )
             explain = explainer_for(name, options)
-            runs.append((name, explain(model, x, target), explain))
+            runs.append((name, _detached(explain(model, x, target), runner.n), explain))
         except LumosError as exc:
             result.method_errors[name] = str(exc)
     for exp in explanations or ():
         label = _unique(getattr(exp, "method", "explanation"), result.methods)
         result.methods.append(label)
-        runs.append((label, as_batch(exp, label), None))
+        runs.append((label, _detached(exp, runner.n, label), None))
 
-    for label, attributions, explain in runs:
-        a = attributions.detach()
-        result.attributions[label] = a.cpu()
+    for label, a, explain in runs:
+        result.attributions[label] = _detached(a, runner.n, label, cpu=True)
         available = {
             "model": model,
             "inputs": x,
@@ -316,6 +327,13 @@ def evaluate(
                 value = value.scores
             result.scores[key] = value.detach().cpu()
     return result
+
+
+def _detached(value: Any, n: int, what: str = "attributions", cpu: bool = False) -> Any:
+    """Attributions (an `Explanation`, a tensor, a tuple or a dict of `n` rows) detached, on
+    the CPU with `cpu`, in their structure."""
+    parts, structure = attribution_parts(value, n, what)
+    return structure.restore([t.detach().cpu() if cpu else t.detach() for t in parts])
 
 
 def _unique(name: str, taken: list[str]) -> str:

@@ -6,6 +6,11 @@ examples or steps in Python. Removed features are replaced by `baseline`: a numb
 ``zeros`` / ``uniform`` (seeded noise in each example's range) / ``blur`` / ``mean``. Image
 features are pixels (or `patch_size` × `patch_size` patches) across all channels; other inputs
 have one feature per element (token ids: pass an int `baseline`, e.g. the padding id).
+
+Several inputs (a tuple or dict of tensors, as the model takes them, with attributions in the
+same structure): the features of all inputs are ranked jointly — image inputs contribute
+pixels or patches, the others their elements — so "the top 10 %" may take features from any
+input. `baseline` is one value for every input or a tuple/dict with one per input.
 """
 
 from __future__ import annotations
@@ -19,16 +24,17 @@ import torch.nn.functional as F
 
 from lumos.core.batching import check_count
 from lumos.core.errors import InputError
+from lumos.core.inputs import flatten_inputs
 from lumos.core.targets import TargetLike
 from lumos.metrics.base import (
-    Features,
     ModelRunner,
-    as_batch,
+    Tensors,
     batched_rows,
-    fill_values,
+    joined,
     pearson,
     register_metric,
 )
+from lumos.metrics.features import Features, Perturbation, fill_values, mix
 
 BATCH_SIZE = 256
 
@@ -47,33 +53,33 @@ class Curve:
 def perturbation_curve(
     runner: ModelRunner,
     features: Features,
-    fill: torch.Tensor,
+    fill: Tensors | None,
     fractions: torch.Tensor,
     *,
     order: str = "morf",
     insert: bool = False,
     seed: int = 0,
-    impute: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    impute: Callable[[Tensors, Tensors, torch.Tensor], Tensors] | None = None,
 ) -> torch.Tensor:
     """Target scores ``(B, K)`` after removing (or, with `insert`, inserting) the first
     ``fractions[k]`` of the features in `order`, for every example and step in batched forwards.
 
     `impute(rows, removed, example)` replaces removed features instead of `fill` (ROAD).
     """
-    x, n, device = runner.x, runner.n, runner.device
+    n, device = runner.n, runner.device
     position = features.order(order, seed)
     counts = torch.round(fractions.to(device, torch.float64) * features.count).long()
     steps = len(counts)
     example, step = batched_rows(n, steps, device)
 
-    def make_rows(s: slice) -> torch.Tensor:
+    def make_rows(s: slice) -> Tensors:
         e = example[s]
         chosen = features.expand(position[e] < counts[step[s]].unsqueeze(1))
         if impute is not None:
-            return impute(x[e], chosen, e)
+            return impute(runner.rows(e), chosen, e)
         if insert:
-            return torch.where(chosen, x[e], fill[e])
-        return torch.where(chosen, fill[e], x[e])
+            return mix(chosen, runner.xs, fill, e)
+        return mix(chosen, fill, runner.xs, e)
 
     return runner.score(make_rows, n * steps, example).view(n, steps)
 
@@ -107,9 +113,9 @@ def _curve_metric(
     label: str,
 ) -> Curve:
     runner = ModelRunner(model, inputs, target, batch_size=batch_size, probability=probability)
-    features = Features(runner.x, attributions, patch_size)
+    features = Features(runner, attributions, patch_size)
     fractions = _steps(n_steps)
-    fill = fill_values(runner.x, baseline, seed)
+    fill = fill_values(runner.xs, runner.structure, baseline, seed)
     curves = perturbation_curve(
         runner, features, fill, fractions, order=order, insert=insert, seed=seed
     )
@@ -185,12 +191,13 @@ def insertion(
 ) -> torch.Tensor | Curve:
     """Insertion: area under the target probability as the most relevant features are restored.
 
-    Starting from `baseline` (None: a blurred image for images, zeros otherwise),
+    Starting from `baseline` (None: a blurred image for image inputs, zeros for the others),
     ``AUC = ∫₀¹ p_c(baseline with the top-ranked fraction t of features of x) dt``. A faithful
     map makes the probability rise at once: higher is better.
     """
     if baseline is None:
-        baseline = "blur" if as_batch(inputs, "inputs").dim() == 4 else 0.0
+        tensors, structure = flatten_inputs(inputs)
+        baseline = structure.restore(["blur" if x.dim() == 4 else 0.0 for x in tensors])
     curve = _curve_metric(
         model,
         inputs,
@@ -281,13 +288,14 @@ def region_perturbation(
 
     ``AOPC = 1/(K+1) Σ_{k=0..K} [f_c(x) − f_c(x with the k most relevant regions perturbed)]``
     over ``K = n_steps`` steps of equal size, regions ranked by their summed relevance and
-    replaced by `baseline` (seeded uniform noise by default). MoRF (the default): higher is
-    better; ``order="lerf"``: lower is better.
+    replaced by `baseline` (seeded uniform noise by default). Regions are patches of image
+    inputs; every element of a non-image input is a region of its own. MoRF (the default):
+    higher is better; ``order="lerf"``: lower is better.
     """
     runner = ModelRunner(model, inputs, target, batch_size=batch_size)
-    features = Features(runner.x, attributions, patch_size)
+    features = Features(runner, attributions, patch_size)
     fractions = _steps(n_steps)
-    fill = fill_values(runner.x, baseline, seed)
+    fill = fill_values(runner.xs, runner.structure, baseline, seed)
     curves = perturbation_curve(runner, features, fill, fractions, order=order, seed=seed)
     aopc = (runner.values.double().unsqueeze(1) - curves).mean(1).float()
     if return_curve:
@@ -355,19 +363,28 @@ def road(
     ``ROAD = 1/K Σ_k p_c(impute(x, top fraction_k of pixels))``: removed pixels take the
     weighted mean of their neighbours plus Gaussian noise of std `noise` (seeded), so the
     removal leaks no information about the mask's shape. MoRF (default): lower is better;
-    ``order="lerf"``: higher is better. Images only.
+    ``order="lerf"``: higher is better. Images only (with several inputs, all images, their
+    pixels ranked jointly and each imputed within its own image).
     """
     runner = ModelRunner(model, inputs, target, batch_size=batch_size, probability=True)
-    if runner.x.dim() != 4:
-        raise InputError("road imputes pixels from their neighbours: it needs (B, C, H, W) images.")
-    features = Features(runner.x, attributions)
+    if any(x.dim() != 4 for x in runner.xs):
+        raise InputError(
+            "road imputes pixels from their neighbours: it needs (B, C, H, W) images "
+            "(with several inputs, every input must be an image)."
+        )
+    features = Features(runner, attributions)
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    field = torch.randn(runner.x.shape, generator=generator, dtype=runner.x.dtype) * noise
-    field = field.to(runner.device)
+    fields = [
+        (torch.randn(x.shape, generator=generator, dtype=x.dtype) * noise).to(runner.device)
+        for x in runner.xs
+    ]
     steps = torch.tensor(list(fractions), dtype=torch.float64)
 
-    def impute(rows: torch.Tensor, removed: torch.Tensor, example: torch.Tensor) -> torch.Tensor:
-        return noisy_linear_imputation(rows, removed, field[example], n_iterations)
+    def impute(rows: Tensors, removed: Tensors, example: torch.Tensor) -> Tensors:
+        return tuple(
+            noisy_linear_imputation(r, m, field[example], n_iterations)
+            for r, m, field in zip(rows, removed, fields)
+        )
 
     curves = perturbation_curve(runner, features, None, steps, order=order, impute=impute)
     scores = curves.mean(1).float()
@@ -412,25 +429,26 @@ def faithfulness_correlation(
     """Faithfulness correlation: Pearson correlation of removed relevance with the output drop.
 
     ``corr_S( Σ_{i∈S} a_i , f_c(x) − f_c(x_{S←baseline}) )`` over `n_samples` random subsets S
-    of `subset_size` of the features (a fraction, or a count when ≥ 1), seeded. Higher is better.
+    of `subset_size` of the features (a fraction, or a count when ≥ 1; with several inputs,
+    drawn from the features of all of them), seeded. Higher is better.
     """
     runner = ModelRunner(model, inputs, target, batch_size=batch_size)
-    features = Features(runner.x, attributions)
+    features = Features(runner, attributions)
     n, count = runner.n, features.count
     size = int(subset_size) if subset_size >= 1 else max(1, round(subset_size * count))
-    fill = fill_values(runner.x, baseline, seed)
+    fill = fill_values(runner.xs, runner.structure, baseline, seed)
     rows = torch.arange(n * n_samples, device=runner.device)
     example = rows % n
     removed_relevance = torch.empty(n * n_samples, dtype=torch.float64, device=runner.device)
 
-    def make_rows(s: slice) -> torch.Tensor:
+    def make_rows(s: slice) -> Tensors:
         keys = seeded_rows(s, n, seed, lambda g: torch.rand(n, count, generator=g))
         subset = keys.to(runner.device).topk(size, dim=1).indices
         chosen = torch.zeros(len(keys), count, dtype=torch.bool, device=runner.device)
         chosen.scatter_(1, subset, True)
         e = example[s]
         removed_relevance[s] = (features.scores[e] * chosen).sum(1).double()
-        return torch.where(features.expand(chosen), fill[e], runner.x[e])
+        return mix(features.expand(chosen), fill, runner.xs, e)
 
     drops = runner.values.double()[example] - runner.score(make_rows, n * n_samples, example)
     by_example = (n_samples, n)
@@ -462,21 +480,31 @@ def infidelity(
     perturbations (σ = `noise_std`). With `normalize` (the default) β is the least-squares scale
     of Iᵀa to the output changes, so maps of any scale compare fairly (Yeh et al.'s
     scale-invariant variant); ``normalize=False`` uses β = 1. A (B, 1, H, W) map is broadcast over
-    the channels. Lower is better.
+    the channels. With several inputs, I perturbs every floating-point input (one draw over
+    all their elements) and Iᵀa sums over all of them; integer inputs (token ids) are left
+    unperturbed. Lower is better.
     """
     runner = ModelRunner(model, inputs, target, batch_size=batch_size)
-    x, n = runner.x, runner.n
-    a = Features(x, attributions)  # validates the shapes
-    weights = _as_input_weights(attributions, x) if a.image else a.scores.view_as(x)
+    n = runner.n
+    features = Features(runner, attributions)  # validates the shapes
+    weights = [
+        _as_input_weights(a, x) if part.image else part.scores.view_as(x)
+        for part, a, x in zip(features.parts, features.attributions, runner.xs)
+    ]
+    perturbation = Perturbation(runner.xs, "infidelity")
     example = torch.arange(n * n_samples, device=runner.device) % n
     dots = torch.empty(n * n_samples, dtype=torch.float64, device=runner.device)
 
-    def make_rows(s: slice) -> torch.Tensor:
-        draw = seeded_rows(s, n, seed, lambda g: torch.randn(x.shape, generator=g, dtype=x.dtype))
-        noise = draw.to(runner.device) * noise_std
+    def normal(g: torch.Generator) -> torch.Tensor:
+        return torch.randn(n, perturbation.width, generator=g, dtype=perturbation.dtype)
+
+    def make_rows(s: slice) -> Tensors:
+        draws = perturbation.split(seeded_rows(s, n, seed, normal))
+        noise = [None if d is None else d * noise_std for d in draws]
         e = example[s]
-        dots[s] = (noise * weights[e]).flatten(1).sum(1).double()
-        return x[e] - noise
+        products = [d * w[e] for d, w in zip(noise, weights) if d is not None]
+        dots[s] = joined(products).sum(1).double()
+        return perturbation.add(runner.rows(e), noise, sign=-1.0)
 
     drops = runner.values.double()[example] - runner.score(make_rows, n * n_samples, example)
     dots_, drops_ = dots.view(n_samples, n).T, drops.view(n_samples, n).T
@@ -486,8 +514,8 @@ def infidelity(
     return ((beta.unsqueeze(1) * dots_ - drops_) ** 2).mean(1).float()
 
 
-def _as_input_weights(attributions: Any, x: torch.Tensor) -> torch.Tensor:
-    a = as_batch(attributions, "attributions").to(x.device, x.dtype)
+def _as_input_weights(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    a = a.to(x.device, x.dtype)
     return a.expand_as(x) if a.shape[1] == 1 else a
 
 
@@ -503,8 +531,8 @@ def _top_fraction_scores(
     seed: int,
 ) -> torch.Tensor:
     runner = ModelRunner(model, inputs, target, batch_size=batch_size, probability=True)
-    features = Features(runner.x, attributions)
-    fill = fill_values(runner.x, baseline, seed)
+    features = Features(runner, attributions)
+    fill = fill_values(runner.xs, runner.structure, baseline, seed)
     steps = torch.tensor(list(fractions), dtype=torch.float64)
     # keeping only the top k is inserting them into the baseline
     curves = perturbation_curve(runner, features, fill, steps, insert=keep)

@@ -6,6 +6,8 @@ import html
 import math
 from typing import Any
 
+import torch
+
 from lumos.metrics.base import get_metric
 from lumos.viz.html import figure_html, table_html
 
@@ -71,12 +73,12 @@ def curves_figure(result: Any):
 
 
 def maps_figure(result: Any, n_examples: int = 4):
-    """The first examples and every method's map (images only), or None."""
+    """The first examples and every method's map (one image input only), or None."""
     from lumos.viz.maps import display_images, image_maps, signed_scale
 
     x = result.inputs
     methods = [m for m in result.methods if m in result.attributions]
-    if x is None or x.dim() != 4 or not methods:
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not methods:
         return None
     n = min(n_examples, int(x.shape[0]))
     fig = _new_figure(1.6 * (len(methods) + 1), 1.6 * n)
@@ -91,9 +93,10 @@ def maps_figure(result: Any, n_examples: int = 4):
         if row == 0:
             ax.set_title("input", fontsize=7)
     for j, method in enumerate(methods):
-        a = result.attributions[method][:n]
-        if a.dim() != 4:
+        a = result.attributions[method]
+        if not isinstance(a, torch.Tensor) or a.dim() != 4:
             continue
+        a = a[:n]
         maps = signed_scale(image_maps(a, tuple(x.shape[-2:]), "sum"))
         for row in range(n):
             ax = fig.add_subplot(n, len(methods) + 1, row * (len(methods) + 1) + j + 2)

@@ -4,6 +4,10 @@ the model's weights are randomised cannot be explaining what the model learned.
 Randomisation always works on a `copy.deepcopy` of the model: the user's model is never changed.
 A layer is a module with parameters of its own; layers are ordered as the forward pass runs
 them, and "cascading" randomises them from the output (top) down.
+
+Inputs may be a tuple or dict of tensors (as the model takes them): the explainer gets them in
+their structure, and two explanations are compared over the maps of all their tensors side by
+side (image attributions reduced over channels), which needs the same structure and shapes.
 """
 
 from __future__ import annotations
@@ -25,22 +29,28 @@ from lumos.core.errors import (
     UnsupportedModelError,
     unknown_name,
 )
-from lumos.core.inputs import Structure, call_model
+from lumos.core.inputs import Structure, call_model, flatten_inputs
 from lumos.core.targets import TargetLike
 from lumos.metrics.base import (
     ModelRunner,
+    Tensors,
+    as_attributions,
     attribution_map,
+    attribution_parts,
     explainer_for,
+    joined,
     pearson,
     ranks,
     register_metric,
+    same_shapes,
 )
 
 MEASURES = ("spearman_abs", "spearman", "ssim")
 
 
-def parameter_layers(model: nn.Module, inputs: torch.Tensor) -> list[str]:
-    """Dotted paths of the modules with parameters of their own, in forward execution order."""
+def parameter_layers(model: nn.Module, inputs: Any) -> list[str]:
+    """Dotted paths of the modules with parameters of their own, in forward execution order
+    (`inputs`: a tensor, a tuple or a dict of tensors, as the model takes them)."""
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError("Model randomisation needs a torch.nn.Module with parameters.")
     owners = {
@@ -61,9 +71,10 @@ def parameter_layers(model: nn.Module, inputs: torch.Tensor) -> list[str]:
 
     for name in owners:
         modules[name].register_forward_pre_hook(record(name))
+    tensors, structure = flatten_inputs(inputs)
     with torch.no_grad():
         probe.eval()
-        call_model(probe, (inputs[:1],), Structure("tensor", ("input",)))
+        call_model(probe, tuple(x[:1] for x in tensors), structure)
     return seen + [name for name in owners if name not in seen]
 
 
@@ -143,34 +154,50 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7) -> torch.Tensor:
 
 
 def similarity(a: Any, b: Any, kind: str = "spearman_abs") -> torch.Tensor:
-    """Per-example similarity of two attribution batches.
+    """Per-example similarity of two attribution batches in the same structure (a tensor, or a
+    tuple or dict of tensors, compared over all of them).
 
     ``spearman_abs``: rank correlation of the magnitude maps (image channels reduced by
     summing |a|, as saliency maps are shown); ``spearman``: of the signed maps (channels
-    summed); ``ssim``: structural similarity of the magnitude maps.
+    summed); ``ssim``: structural similarity of the magnitude maps (one 2-D map each).
     """
     if kind not in MEASURES:
         raise unknown_name("similarity", kind, MEASURES)
-    return _Maps(a, (kind,)).similarity(_Maps(b, (kind,)), kind)
+    after, structure = attribution_parts(b)
+    return _Maps(_aligned(a, after, structure), (kind,)).similarity(_Maps(after, (kind,)), kind)
+
+
+def _aligned(value: Any, like: Tensors, structure: Structure) -> Tensors:
+    """`value` in `structure`, that of the explanation `like` it is compared with."""
+    parts = as_attributions(value, structure, int(like[0].shape[0]))
+    same_shapes(like, parts, "attributions")
+    return tuple(a.detach() for a in parts)
 
 
 class _Maps:
-    """The reduced forms of one attribution batch that the similarity measures compare, with
-    their ranks computed once (a trained model's maps are compared at every step)."""
+    """The reduced forms of one explanation (one tensor per input) that the similarity
+    measures compare, with their ranks computed once (a trained model's maps are compared at
+    every step); the maps of several inputs lie side by side."""
 
-    def __init__(self, attributions: Any, kinds: Sequence[str]) -> None:
-        self.signed = attribution_map(attributions).flatten(1) if "spearman" in kinds else None
-        magnitude = attribution_map(attributions, "abs_sum").abs()
-        self.magnitude = magnitude if magnitude.dim() == 3 else None
+    def __init__(self, attributions: Tensors, kinds: Sequence[str]) -> None:
+        signed = [attribution_map(a) for a in attributions] if "spearman" in kinds else None
+        self.signed = None if signed is None else joined(signed)
+        maps = [attribution_map(a, "abs_sum").abs() for a in attributions]
+        magnitude = joined(maps)
+        self.magnitude = maps[0] if len(maps) == 1 and maps[0].dim() == 3 else None
         self.ranks = {
             "spearman": None if self.signed is None else ranks(self.signed),
-            "spearman_abs": ranks(magnitude.flatten(1)) if "spearman_abs" in kinds else None,
+            "spearman_abs": ranks(magnitude) if "spearman_abs" in kinds else None,
         }
 
     def similarity(self, other: _Maps, kind: str) -> torch.Tensor:
         if kind == "ssim":
             if self.magnitude is None or other.magnitude is None:
-                raise InputError("SSIM compares 2-D maps (B, H, W); use similarity='spearman'.")
+                raise InputError(
+                    "SSIM compares one 2-D map (B, H, W) per example; use "
+                    "similarity='spearman' (or 'spearman_abs'), which also compares the maps "
+                    "of several inputs."
+                )
             return ssim(self.magnitude, other.magnitude)
         return pearson(self.ranks[kind], other.ranks[kind])
 
@@ -205,9 +232,9 @@ def model_randomisation(
     explain = explainer_for(explainer, method_options)
     targets = runner.target_argument()
     if attributions is None:
-        attributions = explain(model, runner.x, targets)
-    random_model = randomise(model, parameter_layers(model, runner.x)[::-1], seed)
-    after = explain(random_model, runner.x, targets)
+        attributions = explain(model, runner.inputs, targets)
+    random_model = randomise(model, parameter_layers(model, runner.inputs)[::-1], seed)
+    after = explain(random_model, runner.inputs, targets)
     return similarity(attributions, after, similarity_measure).float()
 
 
@@ -233,8 +260,9 @@ def random_logit(
     """Random logit test: similarity of the maps for the target and for a random other class.
 
     ``score = sim(Φ_c(x), Φ_{c'}(x))`` with c' drawn uniformly from the other classes (seeded)
-    and `similarity_measure` ``ssim`` (the default for images), ``spearman_abs`` (the default
-    otherwise) or ``spearman``. A class-sensitive explanation scores low: lower is better.
+    and `similarity_measure` ``ssim`` (the default for one image input), ``spearman_abs`` (the
+    default otherwise) or ``spearman``. A class-sensitive explanation scores low: lower is
+    better.
     """
     runner = ModelRunner(model, inputs, target)
     explain = explainer_for(explainer, method_options)
@@ -242,13 +270,18 @@ def random_logit(
         raise TargetError("random_logit needs a classifier and class-index targets.")
     classes = runner.target.indices
     if attributions is None:
-        attributions = explain(model, runner.x, classes.clone())
+        attributions = explain(model, runner.inputs, classes.clone())
     generator = torch.Generator(device="cpu").manual_seed(seed)
     shift = torch.randint(1, runner.n_classes, (runner.n,), generator=generator)
     other = (classes + shift) % runner.n_classes
     if similarity_measure is None:
-        similarity_measure = "ssim" if runner.x.dim() == 4 else "spearman_abs"
-    return similarity(attributions, explain(model, runner.x, other), similarity_measure).float()
+        similarity_measure = "ssim" if _one_image(runner) else "spearman_abs"
+    after = explain(model, runner.inputs, other)
+    return similarity(attributions, after, similarity_measure).float()
+
+
+def _one_image(runner: ModelRunner) -> bool:
+    return len(runner.xs) == 1 and runner.xs[0].dim() == 4
 
 
 @dataclass
@@ -359,26 +392,29 @@ def sanity_check(
         raise unknown_name("randomisation mode", mode, ("cascading", "independent"))
     runner = ModelRunner(model, inputs, target)
     targets = runner.target_argument()
-    order = list(layers) if layers is not None else parameter_layers(model, runner.x)[::-1]
+    order = list(layers) if layers is not None else parameter_layers(model, runner.inputs)[::-1]
     result = SanityCheck(layers=order, mode=mode)
     options = method_options or {}
-    is_image = runner.x.dim() == 4
     explainers = {method: explainer_for(method, options.get(method)) for method in methods}
-    maps: dict[str, list[torch.Tensor]] = {}
+    maps: dict[str, list[Tensors]] = {}
+    structures: dict[str, Structure] = {}
     for method, explain in explainers.items():
         try:
-            maps[method] = [explain(model, runner.x, targets)]
+            parts, structures[method] = attribution_parts(explain(model, runner.inputs, targets))
+            maps[method] = [tuple(a.detach() for a in parts)]
         except LumosError as exc:
             result.errors[method] = str(exc)
     for randomised in randomised_models(model, order, mode, seed):
         for method in list(maps):
             try:
-                maps[method].append(explainers[method](randomised, runner.x, targets).detach())
+                after = explainers[method](randomised, runner.inputs, targets)
+                maps[method].append(_aligned(after, maps[method][0], structures[method]))
             except LumosError as exc:
                 result.errors[method] = str(exc)
                 del maps[method]
     for method, steps in maps.items():
-        kinds = [k for k in MEASURES if k != "ssim" or (is_image and steps[0].dim() == 4)]
+        image_map = _one_image(runner) and len(steps[0]) == 1 and steps[0][0].dim() == 4
+        kinds = [k for k in MEASURES if k != "ssim" or image_map]
         prepared = [_Maps(a, kinds) for a in steps]
         result.scores[method] = {
             kind: torch.stack([prepared[0].similarity(m, kind) for m in prepared]).float()

@@ -4,6 +4,11 @@ These metrics re-explain perturbed inputs, so they take the method (`explainer`:
 method name with `method_options`, or a callable ``(model, inputs, target) -> attributions``)
 rather than fixed attributions. The `n_samples` perturbations of all examples are explained in
 calls of at most `batch_size` rows, each on its example's original target class.
+
+Several inputs (a tuple or dict of tensors, as the model takes them): every floating-point
+input is perturbed — δ is one draw over the elements of all of them, and ‖δ‖ runs over all of
+them — while integer inputs (token ids) are left unperturbed. The explainer gets the inputs in
+their structure and returns attributions in it; ‖Φ‖ runs over the attributions of all inputs.
 """
 
 from __future__ import annotations
@@ -17,12 +22,16 @@ from lumos.core.batching import check_count
 from lumos.core.targets import TargetLike
 from lumos.metrics.base import (
     ModelRunner,
-    as_batch,
+    Tensors,
+    attribution_parts,
     explain_rows,
     explainer_for,
+    joined,
     register_metric,
+    same_shapes,
 )
 from lumos.metrics.faithfulness import seeded_rows
+from lumos.metrics.features import Perturbation
 
 BATCH_SIZE = 256
 
@@ -35,7 +44,7 @@ def _perturbed_changes(
     *,
     attributions: Any,
     n_samples: int,
-    draw: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+    draw: Callable[[int, int, torch.Generator], torch.Tensor],
     batch_size: int | None,
     seed: int,
     method_options: dict | None,
@@ -43,33 +52,35 @@ def _perturbed_changes(
     """``(B, n_samples)`` relative explanation changes ‖Φ(x+δ) − Φ(x)‖ / ‖Φ(x)‖ and ‖δ‖."""
     check_count(n_samples, "n_samples")
     runner = ModelRunner(model, inputs, target)
-    x, n, device = runner.x, runner.n, runner.device
+    n, device = runner.n, runner.device
+    perturbation = Perturbation(runner.xs, "robustness metrics")
     explain = explainer_for(explainer, method_options)
-    targets = runner.target_argument()
     if attributions is None:
-        attributions = explain(model, x, targets)
-    base = as_batch(attributions, "attributions").to(device).double().flatten(1)
+        attributions = explain(model, runner.inputs, runner.target_argument())
+    parts, structure = attribution_parts(attributions, n)
+    base = joined([a.to(device) for a in parts]).double()
     base_norm = base.norm(dim=1).clamp_min(1e-30)
     example = torch.arange(n * n_samples, device=device) % n
     deltas = torch.empty(n * n_samples, dtype=torch.float64, device=device)
     changes = torch.empty(n * n_samples, dtype=torch.float64, device=device)
 
-    def make_rows(s: slice) -> torch.Tensor:
-        delta = seeded_rows(s, n, seed, lambda g: draw(x, g)).to(device, x.dtype)
-        deltas[s] = delta.flatten(1).double().norm(dim=1)
-        return x[example[s]] + delta
+    def make_rows(s: slice) -> Tensors:
+        flat = seeded_rows(s, n, seed, lambda g: draw(n, perturbation.width, g))
+        delta = perturbation.split(flat)
+        deltas[s] = joined([d for d in delta if d is not None]).double().norm(dim=1)
+        return perturbation.add(runner.rows(example[s]), delta)
 
-    for s, a in explain_rows(
-        explain, model, make_rows, n * n_samples, targets, example, batch_size
-    ):
-        changes[s] = (a.double().flatten(1) - base[example[s]]).norm(dim=1)
+    rows = explain_rows(explain, runner, make_rows, n * n_samples, structure, example, batch_size)
+    for s, a in rows:
+        same_shapes(parts, a, "the attributions of perturbed inputs")
+        changes[s] = (joined(a).double() - base[example[s]]).norm(dim=1)
     changes = changes / base_norm[example]
     return changes.view(n_samples, n).T, deltas.view(n_samples, n).T
 
 
-def _uniform(radius: float) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
-    def draw(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        return (torch.rand(x.shape, generator=g, dtype=torch.float64) * 2 - 1) * radius
+def _uniform(radius: float) -> Callable[[int, int, torch.Generator], torch.Tensor]:
+    def draw(n: int, width: int, g: torch.Generator) -> torch.Tensor:
+        return (torch.rand(n, width, generator=g, dtype=torch.float64) * 2 - 1) * radius
 
     return draw
 
@@ -183,8 +194,8 @@ def local_lipschitz(
     estimate does not depend on a method's scale. Lower is better.
     """
 
-    def draw(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        return torch.randn(x.shape, generator=g, dtype=torch.float64) * noise_std
+    def draw(n: int, width: int, g: torch.Generator) -> torch.Tensor:
+        return torch.randn(n, width, generator=g, dtype=torch.float64) * noise_std
 
     changes, deltas = _perturbed_changes(
         model,
