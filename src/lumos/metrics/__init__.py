@@ -9,6 +9,11 @@ its name with its direction (`lumos.metrics.metrics()` lists them)::
     result = lumos.evaluate(model, x, y, methods=["saliency", "grad_cam"], masks=masks,
                             layer="features.block3")
     result.ranking(); result.to_html()
+
+Metrics that run the model take inputs as the methods do — a tensor, a tuple or a dict of
+tensors — with attributions (or the `Explanation`) in the same structure::
+
+    lumos.metrics.deletion(model, {"image": x, "table": t}, exp, target=y)
 """
 
 from lumos.metrics.axiomatic import completeness, input_invariance, non_sensitivity

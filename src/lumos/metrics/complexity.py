@@ -1,6 +1,7 @@
 """Complexity: how concentrated is an explanation? A map that puts its relevance on few features
 is easier to read. Computed on ``|a|`` after reducing image channels with `reduce`
-(``abs_sum`` by default, so CAM maps and per-channel maps are compared per pixel)."""
+(``abs_sum`` by default, so CAM maps and per-channel maps are compared per pixel). For a model
+with several inputs, score one input's attributions (e.g. ``exp.attributions["image"]``)."""
 
 from __future__ import annotations
 

@@ -3,6 +3,8 @@
 Every metric takes attributions ``(B, C, H, W)`` (reduced over channels by `reduce`, see
 `attribution_map`), CAM maps ``(B, 1, H, W)``, or any per-feature map with the masks' shape, and
 boolean masks ``(B, H, W)`` or ``(B, 1, H, W)``; all examples are scored in one tensor pass.
+For a model with several inputs, pass one input's attributions, e.g.
+``exp.attributions["image"]``, with masks at its resolution.
 """
 
 from __future__ import annotations
