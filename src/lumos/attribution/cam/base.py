@@ -125,9 +125,7 @@ class CAMMethod(Method):
         acts, grads = self.record(ctx, modules)
         return [self.combine(ctx, module, a, g) for module, a, g in zip(modules, acts, grads)]
 
-    def live_forward(
-        self, xs: Sequence[torch.Tensor], structure: Structure, **_: Any
-    ) -> Live:
+    def live_forward(self, xs: Sequence[torch.Tensor], structure: Structure, **_: Any) -> Live:
         """The pipeline's forward pass on the examples doubles as the recording pass (keeping
         the graph after the layers for gradient methods) when the layers are given and the
         examples fit in one batch: one forward pass fewer per explanation."""
