@@ -122,6 +122,79 @@ def test_text_lime_replaces_tokens_with_the_mask_token():
     )
 
 
+def test_text_lime_removes_a_uniform_number_of_tokens_and_images_switch_each_with_one_half():
+    removed: list[torch.Tensor] = []
+
+    def recording(ids: torch.Tensor) -> torch.Tensor:
+        removed.append((ids == 0).sum(1))
+        return ids.double().sum(1, keepdim=True)
+
+    ids = torch.arange(1, 6)[None]
+    lumos.explain(recording, ids, method="lime", target=0, n_samples=3000)
+    counts = torch.bincount(torch.cat(removed), minlength=6)
+    # besides the all-on first sample: k = 1..5 tokens off, each k equally often
+    assert counts[1:].sum() == 2999
+    assert ((counts[1:] - 2999 / 5).abs() < 0.1 * 2999 / 5).all()
+
+    removed.clear()
+    image = torch.ones(1, 3, 16, 16)
+
+    def recording_image(x: torch.Tensor) -> torch.Tensor:
+        cells = x[:, 0].unfold(1, 4, 4).unfold(2, 4, 4)[..., 0, 0].flatten(1)
+        removed.append((cells == 0).sum(1))
+        return x.mean((1, 2, 3))[:, None]
+
+    lumos.explain(
+        recording_image,
+        image,
+        method="lime",
+        target=0,
+        feature_mask=SEGMENTS,
+        baselines=0.0,
+        n_samples=2000,
+    )
+    off = torch.cat(removed)[2:].double()  # after the forward pass and the all-on sample
+    assert abs(off.mean().item() - 8) < 0.2 and abs(off.var().item() - 4) < 0.5  # Binomial(16, ½)
+
+
+def test_text_lime_agrees_with_the_lime_package():
+    lime_text = pytest.importorskip("lime.lime_text")
+    torch.manual_seed(0)
+    bag, head = nn.EmbeddingBag(40, 4, mode="sum", padding_idx=0), nn.Linear(4, 3)
+    with torch.no_grad():
+        bag.weight.mul_(8)  # saturated probabilities: the sampling scheme matters
+
+    def model(ids: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(head(bag(ids)), 1)
+
+    def classifier(texts: list[str]):
+        rows = [[0 if w == "UNKWORDZ" else int(w[1:]) for w in t.split()] for t in texts]
+        with torch.no_grad():
+            return model(torch.tensor(rows)).double().numpy()
+
+    correlations, differences = [], []
+    for seed in range(3):
+        ids = torch.randint(1, 40, (1, 20), generator=torch.Generator().manual_seed(100 + seed))
+        text = " ".join(f"w{int(t)}" for t in ids[0])
+        explainer = lime_text.LimeTextExplainer(
+            bow=False, random_state=seed, feature_selection="none"
+        )
+        found = explainer.explain_instance(
+            text, classifier, labels=(1,), num_features=20, num_samples=4000
+        )
+        theirs = torch.zeros(20, dtype=torch.float64)
+        for position, coefficient in found.local_exp[1]:
+            theirs[position] = coefficient
+        ours = lumos.explain(model, ids, method="lime", target=1, n_samples=4000, seed=seed)
+        ours = ours.extras["coefficients"][0]
+        correlations.append(torch.corrcoef(torch.stack([ours, theirs]))[0, 1].item())
+        differences.append(((ours - theirs).norm() / theirs.norm()).item())
+    # lime against itself with another seed: correlation ≈ 0.99, relative difference ≈ 0.15;
+    # switching each token with probability ½ instead gives a relative difference ≈ 0.37
+    assert sum(correlations) / 3 > 0.95
+    assert sum(differences) / 3 < 0.25
+
+
 def test_tabular_lime_coefficients_are_weights_times_training_spread():
     torch.manual_seed(0)
     model = nn.Linear(4, 2)

@@ -80,7 +80,11 @@ class Lime(BlackBoxMethod):
             (default: each superpixel's mean colour, as the `lime` package); cosine distance to
             the all-on sample, σ = 0.25.
         text (integer token ids): every token is a player (or a `feature_mask`); off tokens
-            become `mask_token`; same sampling and kernel as images.
+            become `mask_token`. Sampled as the `lime` package's LimeTextExplainer does: each
+            sample after the first removes k players, k uniform on 1..d (d players), chosen
+            uniformly, so sparse and dense samples are equally common (switching each token
+            with probability 1/2 would put nearly all samples near d/2 removed); cosine
+            distance, σ = 0.25 (lime's width 25 on distances × 100).
         tabular with `train_data` (B, F): samples from the training data's per-feature
             mean and standard deviation, surrogate on standardized features, euclidean
             distance, σ = 0.75·√F (as the `lime` package); with ``discretize=True`` features
@@ -178,12 +182,19 @@ class Lime(BlackBoxMethod):
             refs = tuple(torch.full_like(t, mask_token).unsqueeze(1) for t in ctx.inputs)
         else:
             refs = references(baselines, ctx.inputs, ctx.structure, seed=self.seed)
-        return self.binary(ctx, players, refs)
+        text = not image and all(not t.is_floating_point() for t in ctx.inputs)
+        return self.binary(ctx, players, refs, text=text)
 
-    def binary(self, ctx: Context, players: Players, refs) -> Attribution:
-        """Players switched on/off with probability 1/2 (the first sample all on)."""
-        m = players.n_players
-        z = torch.rand(self.n_samples, m, generator=self.generator()) < 0.5
+    def binary(self, ctx: Context, players: Players, refs, text: bool = False) -> Attribution:
+        """Players switched on/off (the first sample all on): each with probability 1/2, or for
+        `text` a uniform number 1..d of them off, chosen uniformly."""
+        m, generator = players.n_players, self.generator()
+        if text:
+            removed = torch.randint(1, m + 1, (self.n_samples, 1), generator=generator)
+            ranks = torch.rand(self.n_samples, m, generator=generator).argsort(1).argsort(1)
+            z = ranks >= removed
+        else:
+            z = torch.rand(self.n_samples, m, generator=generator) < 0.5
         z[0] = True
         values = self.coalition_values(ctx, players, refs, z)
         zf = z.to(values.device, torch.float64)
