@@ -155,7 +155,10 @@ def main() -> None:
             "passes": f"{args.n * SAMPLES} forward+backward rows",
         },
         "model_randomisation": {
-            "lumos": lambda: M.sanity_check(model, x, y, methods=["saliency"]),
+            # Quantus's MPRT compares |maps| by Spearman correlation only; so does this run
+            "lumos": lambda: M.sanity_check(
+                model, x, y, methods=["saliency"], measures=("spearman_abs",)
+            ),
             "quantus": quantus
             and (
                 lambda: quantus.MPRT(disable_warnings=True, return_average_correlation=False)(

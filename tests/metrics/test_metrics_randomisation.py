@@ -103,6 +103,20 @@ def test_independent_randomisation_changes_one_layer_per_step():
     assert check.figure().axes and check.to_records()[0]["layer"] == "(trained)"
 
 
+def test_sanity_check_computes_only_the_measures_asked_for():
+    model, x = tiny_cnn(), torch.rand(2, 3, 8, 8)
+    options = {"methods": ["saliency"], "layers": ["fc"]}
+    every = M.sanity_check(model, x, 0, **options)
+    assert set(every.scores["saliency"]) == {"spearman_abs", "spearman", "ssim"}
+    one = M.sanity_check(model, x, 0, measures=("spearman_abs",), **options)
+    assert set(one.scores["saliency"]) == {"spearman_abs"}
+    torch.testing.assert_close(
+        one.scores["saliency"]["spearman_abs"], every.scores["saliency"]["spearman_abs"]
+    )
+    with pytest.raises(lumos.LumosError, match="spearman_abs"):
+        M.sanity_check(model, x, 0, measures=("spearmann",), **options)
+
+
 def test_sanity_check_reproduces_adebayo_on_the_shapes_model():
     """Saliency and Grad-CAM lose their maps when the model is randomised, while guided
     backprop's stay markedly closer to the trained maps down the cascade (on `shapes` they fall

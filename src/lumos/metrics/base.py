@@ -263,19 +263,13 @@ def as_masks(masks: Any, like: torch.Tensor) -> torch.Tensor:
 def ranks(values: torch.Tensor) -> torch.Tensor:
     """Row-wise ranks (1..F) of a ``(B, F)`` tensor, ties getting their average rank.
 
-    One sort per row; tied runs are found with running max/min over the sorted positions.
+    One sort per row; each value's tied run spans the positions between its left and right
+    insertion points in the sorted row, so its average rank is ``(left + right + 1) / 2``.
     """
-    ordered, order = values.sort(dim=1)
-    f = values.shape[1]
-    position = torch.arange(f, device=values.device).expand_as(order)
-    starts = torch.ones_like(ordered, dtype=torch.bool)
-    starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
-    ends = torch.ones_like(starts)
-    ends[:, :-1] = starts[:, 1:]
-    first = torch.where(starts, position, 0).cummax(1).values
-    last = torch.where(ends, position, f).flip(1).cummin(1).values.flip(1)
-    average = (first + last).to(torch.float64) / 2 + 1
-    return torch.empty_like(average).scatter_(1, order, average)
+    ordered = values.sort(dim=1).values
+    left = torch.searchsorted(ordered, values, side="left")
+    right = torch.searchsorted(ordered, values, side="right")
+    return (left + right + 1).to(torch.float64) / 2
 
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -378,18 +378,23 @@ def sanity_check(
     layers: Sequence[str] | None = None,
     seed: int = 0,
     method_options: dict[str, dict] | None = None,
+    measures: Sequence[str] = MEASURES,
 ) -> SanityCheck:
     """Adebayo et al. (2018)'s model parameter randomisation test for several methods.
 
     For every step (cascading: the top j layers randomised; independent: layer j alone) each
     method re-explains the inputs on a seeded randomised copy of the model, and its maps are
-    compared with the trained model's by Spearman rank correlation of absolute and of signed
-    maps and by SSIM (2-D maps). `layers` defaults to every module with parameters, top first.
+    compared with the trained model's by the similarity `measures`: Spearman rank correlation
+    of absolute (``spearman_abs``) and of signed maps (``spearman``), and SSIM (``ssim``, for
+    one 2-D map per example). `layers` defaults to every module with parameters, top first.
     A method whose maps stay similar while the model is destroyed fails the check. Methods
     that cannot run record their error in `errors`.
     """
     if mode not in ("cascading", "independent"):
         raise unknown_name("randomisation mode", mode, ("cascading", "independent"))
+    for kind in measures:
+        if kind not in MEASURES:
+            raise unknown_name("similarity", kind, MEASURES)
     runner = ModelRunner(model, inputs, target)
     targets = runner.target_argument()
     order = list(layers) if layers is not None else parameter_layers(model, runner.inputs)[::-1]
@@ -414,7 +419,7 @@ def sanity_check(
                 del maps[method]
     for method, steps in maps.items():
         image_map = _one_image(runner) and len(steps[0]) == 1 and steps[0][0].dim() == 4
-        kinds = [k for k in MEASURES if k != "ssim" or image_map]
+        kinds = [k for k in measures if k != "ssim" or image_map]
         prepared = [_Maps(a, kinds) for a in steps]
         result.scores[method] = {
             kind: torch.stack([prepared[0].similarity(m, kind) for m in prepared]).float()
