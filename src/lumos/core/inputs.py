@@ -65,27 +65,30 @@ def as_tensor(value: Any, what: str = "inputs") -> torch.Tensor:
     )
 
 
-def flatten_inputs(inputs: InputsLike) -> tuple[tuple[torch.Tensor, ...], Structure]:
-    """Normalize `inputs` to a tuple of tensors sharing the batch size, plus its `Structure`."""
+def flatten_inputs(
+    inputs: InputsLike, what: str = "inputs"
+) -> tuple[tuple[torch.Tensor, ...], Structure]:
+    """Normalize `inputs` to a tuple of tensors sharing the batch size, plus its `Structure`;
+    `what` names them in error messages (e.g. ``attributions``)."""
     if isinstance(inputs, (torch.Tensor, np.ndarray)):
-        tensors, structure = (as_tensor(inputs),), Structure("tensor", ("input",))
+        tensors, structure = (as_tensor(inputs, what),), Structure("tensor", ("input",))
     elif isinstance(inputs, Mapping):
         if not inputs:
-            raise InputError("inputs is an empty dict; pass at least one tensor.")
+            raise InputError(f"{what} is an empty dict; pass at least one tensor.")
         keys = tuple(str(k) for k in inputs)
-        tensors = tuple(as_tensor(v, f"inputs[{k!r}]") for k, v in inputs.items())
+        tensors = tuple(as_tensor(v, f"{what}[{k!r}]") for k, v in inputs.items())
         structure = Structure("dict", keys)
     elif isinstance(inputs, (tuple, list)):
         if not inputs:
-            raise InputError("inputs is an empty sequence; pass at least one tensor.")
-        tensors = tuple(as_tensor(v, f"inputs[{i}]") for i, v in enumerate(inputs))
+            raise InputError(f"{what} is an empty sequence; pass at least one tensor.")
+        tensors = tuple(as_tensor(v, f"{what}[{i}]") for i, v in enumerate(inputs))
         structure = Structure("tuple", tuple(str(i) for i in range(len(tensors))))
     else:
         raise InputError(
-            "inputs must be a tensor, a tuple of tensors or a dict of keyword tensors "
+            f"{what} must be a tensor, a tuple of tensors or a dict of keyword tensors "
             f"(batch first), got {type(inputs).__name__}."
         )
-    validate_inputs(tensors, structure)
+    validate_inputs(tensors, structure, what)
     return tensors, structure
 
 
@@ -100,9 +103,11 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
-def validate_inputs(tensors: Sequence[torch.Tensor], structure: Structure) -> None:
+def validate_inputs(
+    tensors: Sequence[torch.Tensor], structure: Structure, what: str = "inputs"
+) -> None:
     """Batch-first tensors of one batch size, without NaN or inf."""
-    names = [_name(structure, i) for i in range(len(tensors))]
+    names = [input_name(structure, i, what) for i in range(len(tensors))]
     for name, t in zip(names, tensors):
         if t.dim() == 0:
             raise InputError(
@@ -115,7 +120,7 @@ def validate_inputs(tensors: Sequence[torch.Tensor], structure: Structure) -> No
     sizes = {int(t.shape[0]) for t in tensors}
     if len(sizes) > 1:
         shapes = ", ".join(f"{n}: {tuple(t.shape)}" for n, t in zip(names, tensors))
-        raise InputError(f"inputs disagree on the batch size (first dimension): {shapes}.")
+        raise InputError(f"{what} disagree on the batch size (first dimension): {shapes}.")
 
 
 def require_float(tensors: Sequence[torch.Tensor], structure: Structure, method: str) -> None:
@@ -124,8 +129,8 @@ def require_float(tensors: Sequence[torch.Tensor], structure: Structure, method:
         if not t.is_floating_point():
             raise InputError(
                 f"{method} differentiates the output with respect to the inputs, but "
-                f"{_name(structure, i)} has dtype {t.dtype}. Pass floating-point inputs, or for "
-                "token ids explain the embedding layer with "
+                f"{input_name(structure, i)} has dtype {t.dtype}. Pass floating-point inputs, or "
+                "for token ids explain the embedding layer with "
                 "method='layer_integrated_gradients', layer='<embedding module path>'."
             )
 
@@ -141,9 +146,10 @@ def batch_size_of(tensors: Sequence[torch.Tensor]) -> int:
     return int(tensors[0].shape[0])
 
 
-def _name(structure: Structure, i: int) -> str:
+def input_name(structure: Structure, i: int, what: str = "inputs") -> str:
+    """How messages name tensor `i`: ``inputs``, ``inputs[1]`` or ``inputs['image']``."""
     if structure.kind == "tensor":
-        return "inputs"
+        return what
     if structure.kind == "dict":
-        return f"inputs[{structure.keys[i]!r}]"
-    return f"inputs[{i}]"
+        return f"{what}[{structure.keys[i]!r}]"
+    return f"{what}[{i}]"

@@ -250,26 +250,10 @@ class Method:
         with self.calling(xs):
             return call_model(self.model, xs, structure)
 
-    @contextlib.contextmanager
-    def calling(self, xs: Sequence[torch.Tensor]) -> Iterator[None]:
+    def calling(self, xs: Sequence[torch.Tensor]) -> contextlib.AbstractContextManager:
         """Turns an error raised inside the model on `xs` into a `LumosError` naming the shapes
-        (out of memory into `OutOfMemory`); for methods that run the model their own way."""
-        try:
-            yield
-        except LumosError:
-            raise
-        except torch.OutOfMemoryError as exc:
-            raise OutOfMemory(
-                f"{self.name} ran out of memory in a pass of {int(xs[0].shape[0])} rows; pass a "
-                "smaller batch_size (it bounds the rows of every forward/backward)."
-            ) from exc
-        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-            shapes = ", ".join(f"{tuple(x.shape)} {x.dtype}" for x in xs)
-            raise ModelCallError(
-                f"The model raised {type(exc).__name__} on inputs of shape {shapes}: {exc}. "
-                "If these are not the shapes and dtypes the model expects, fix the inputs "
-                "(batch first)."
-            ) from exc
+        (see `model_errors`); for methods that run the model their own way."""
+        return model_errors(self.name, xs)
 
     def input_gradients(
         self,
@@ -339,6 +323,28 @@ class Method:
                 )
                 values_per_target.append(values.detach())
         return grads_per_target, values_per_target
+
+
+@contextlib.contextmanager
+def model_errors(who: str, xs: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Turns an error raised inside the model on `xs` into a `ModelCallError` naming the input
+    shapes, and running out of memory into `OutOfMemory`; `who` is the method or metric."""
+    try:
+        yield
+    except LumosError:
+        raise
+    except torch.OutOfMemoryError as exc:
+        raise OutOfMemory(
+            f"{who} ran out of memory in a pass of {int(xs[0].shape[0])} rows; pass a "
+            "smaller batch_size (it bounds the rows of every forward/backward)."
+        ) from exc
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        shapes = ", ".join(f"{tuple(x.shape)} {x.dtype}" for x in xs)
+        raise ModelCallError(
+            f"The model raised {type(exc).__name__} on inputs of shape {shapes}: {exc}. "
+            "If these are not the shapes and dtypes the model expects, fix the inputs "
+            "(batch first)."
+        ) from exc
 
 
 def _check_finite_outputs(outputs: Any) -> None:

@@ -19,7 +19,15 @@ import torch
 
 from lumos.core.batching import check_batch_size, chunks
 from lumos.core.errors import InputError, unknown_name
-from lumos.core.inputs import Structure, as_tensor, batch_size_of, call_model, flatten_inputs
+from lumos.core.inputs import (
+    Structure,
+    as_tensor,
+    batch_size_of,
+    call_model,
+    flatten_inputs,
+    input_name,
+)
+from lumos.core.method import model_errors
 from lumos.core.model import check_model, model_device, preserved
 from lumos.core.targets import Target, TargetLike, output_tensor, resolve_target
 
@@ -122,7 +130,7 @@ def as_batch(value: Any, what: str, hint: str = "") -> torch.Tensor:
                 f"but this takes one.{hint}"
             )
         value = flat[0]
-    tensors, structure = flatten_inputs(value)
+    tensors, structure = flatten_inputs(value, what)
     if structure.kind != "tensor":
         raise InputError(
             f"{what} must be one tensor (batch first), not a {structure.kind} of "
@@ -208,14 +216,6 @@ def joined(tensors: Tensors) -> torch.Tensor:
     if len(tensors) == 1:
         return tensors[0].flatten(1)
     return torch.cat([t.flatten(1) for t in tensors], 1)
-
-
-def input_name(structure: Structure, i: int) -> str:
-    """How messages name input `i`: ``inputs``, ``inputs[1]`` or ``inputs['image']``."""
-    if structure.kind == "tensor":
-        return "inputs"
-    key = structure.keys[i]
-    return f"inputs[{key!r}]" if structure.kind == "dict" else f"inputs[{key}]"
 
 
 def attribution_map(attributions: Any, reduce: str = "sum") -> torch.Tensor:
@@ -329,7 +329,9 @@ class ModelRunner:
         return tuple(x[index] for x in self.xs)
 
     def call(self, rows: Tensors) -> Any:
-        return call_model(self.model, rows, self.structure)
+        """One model call; a failure inside the model says which row shapes caused it."""
+        with model_errors("the metric", rows):
+            return call_model(self.model, rows, self.structure)
 
     def attributions(self, value: Any, what: str = "attributions") -> Tensors:
         """Attributions in the inputs' structure, one tensor per input on the model's device."""
