@@ -47,9 +47,10 @@ class _Rescale(torch.autograd.Function):
             y = fn(x)
             dx = x - x_ref
             small = dx.abs() < EPS
-            multiplier = (y - y_ref).div_(dx.masked_fill_(small, 1.0))
+            multiplier = (y - y_ref).div_(dx)  # where Δx ≈ 0 replaced below
         if bool(small.any()):
-            multiplier = torch.where(small, _vjp(fn, x, torch.ones_like(x)), multiplier)
+            slope = _vjp(fn, x, torch.ones_like(x))
+            multiplier = torch.where(small, slope, multiplier, out=multiplier)
         ctx.save_for_backward(multiplier)
         return y
 
@@ -97,10 +98,10 @@ class _MaxPoolRescale(torch.autograd.Function):
                 routed_ref = routed_ref.squeeze(1)
             else:
                 (routed_ref,) = torch.autograd.grad(fn(leaf_ref), leaf_ref, shares_ref)
-        result = (routed + routed_ref).div_(dx.masked_fill_(small, 1.0))
+        result = (routed + routed_ref).div_(dx)  # where Δx ≈ 0 replaced below
         if any_small:
             (plain,) = torch.autograd.grad(out, leaf, grad)
-            result = torch.where(small, plain, result)
+            result = torch.where(small, plain, result, out=result)
         del ctx.leaf, ctx.out, ctx.fn
         return result, None, None, None
 
