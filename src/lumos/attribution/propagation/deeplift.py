@@ -88,16 +88,9 @@ class _MaxPoolRescale(torch.autograd.Function):
         small = dx.abs() < EPS
         any_small = bool(small.any())
         (routed,) = torch.autograd.grad(out, leaf, grad * (y_top - y_ref), retain_graph=any_small)
-        shares_ref = grad * (y - y_top)
-        with torch.enable_grad():
-            leaf_ref = x_ref.detach().requires_grad_(True)
-            if len(x_ref) == 1 < len(x):  # one shared reference: pool it once, route per row
-                (routed_ref,) = torch.autograd.grad(
-                    fn(leaf_ref), leaf_ref, shares_ref.unsqueeze(1), is_grads_batched=True
-                )
-                routed_ref = routed_ref.squeeze(1)
-            else:
-                (routed_ref,) = torch.autograd.grad(fn(leaf_ref), leaf_ref, shares_ref)
+        with torch.enable_grad():  # (batched gradients of a shared row loop over rows: slower)
+            leaf_ref = x_ref.detach().expand_as(x).requires_grad_(True)
+            (routed_ref,) = torch.autograd.grad(fn(leaf_ref), leaf_ref, grad * (y - y_top))
         result = (routed + routed_ref).div_(dx)  # where Δx ≈ 0 replaced below
         if any_small:
             (plain,) = torch.autograd.grad(out, leaf, grad)
