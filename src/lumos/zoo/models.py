@@ -44,11 +44,13 @@ class ResidualBlock(nn.Module):
         return F.relu(x + y)
 
 
-def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
-    """3×3 conv, BatchNorm, ReLU, with the readable names `conv`, `bn`, `relu`."""
+def conv_block(in_channels: int, out_channels: int, kernel_size: int = 3) -> nn.Sequential:
+    """Conv ('same' padding), BatchNorm, ReLU, with the readable names `conv`, `bn`, `relu`."""
     return nn.Sequential(
         OrderedDict(
-            conv=nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+            conv=nn.Conv2d(
+                in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False
+            ),
             bn=nn.BatchNorm2d(out_channels),
             relu=nn.ReLU(),
         )
@@ -56,30 +58,47 @@ def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
 
 
 class SmallCNN(nn.Module):
-    """Standardize, conv-pool, conv-pool, residual block, conv, global average pooling, linear.
+    """Standardize, conv-pool, conv-pool, residual block, (3×3 average,) conv, global average
+    pooling, linear.
 
-    `mean` and `std` are per-channel statistics of the training images.
+    `mean` and `std` are per-channel statistics of the training images; `widths` are the output
+    channels of the three conv blocks.
 
-    The last conv block, `features.block3` (also `features[-1]`), keeps a spatial map that global
-    average pooling feeds to the classifier, so CAM applies exactly.
+    The last conv block, `features.block3` (also `features[-1]`), keeps a spatial map (a quarter of
+    the input's side) that global average pooling feeds to the classifier, so CAM applies exactly.
+    Where that map peaks depends on the window of the last block: with a 3×3 kernel the cells over
+    an object's most distinctive part (a corner, a triangle's apex) win, at times just outside the
+    object; a 7×7 kernel gives flat tops that tie across the whole object. `smooth` adds a 3×3
+    stride-1 average pooling, `features.smooth`, before the last block; with `last_kernel_size=5`
+    the two cover a 7×7 window whose outer cells count less, and an object's evidence peaks at its
+    middle.
     """
 
     def __init__(
-        self, mean: torch.Tensor, std: torch.Tensor, n_classes: int, widths: tuple[int, int, int]
+        self,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        n_classes: int,
+        widths: tuple[int, int, int],
+        *,
+        last_kernel_size: int = 3,
+        smooth: bool = False,
     ) -> None:
         super().__init__()
         in_channels = len(mean)
         self.normalize = Standardize(mean[:, None, None], std[:, None, None])
-        self.features = nn.Sequential(
-            OrderedDict(
-                block1=conv_block(in_channels, widths[0]),
-                pool1=nn.MaxPool2d(2),
-                block2=conv_block(widths[0], widths[1]),
-                pool2=nn.MaxPool2d(2),
-                residual=ResidualBlock(widths[1]),
-                block3=conv_block(widths[1], widths[2]),
-            )
+        layers: OrderedDict[str, nn.Module] = OrderedDict(
+            block1=conv_block(in_channels, widths[0]),
+            pool1=nn.MaxPool2d(2),
+            block2=conv_block(widths[0], widths[1]),
+            pool2=nn.MaxPool2d(2),
+            residual=ResidualBlock(widths[1]),
         )
+        if smooth:
+            # Averages over the cells inside the image only, so objects at the border lose nothing.
+            layers["smooth"] = nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False)
+        layers["block3"] = conv_block(widths[1], widths[2], last_kernel_size)
+        self.features = nn.Sequential(layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(widths[2], n_classes)
 
