@@ -18,6 +18,7 @@ from torch import nn
 
 import lumos
 from lumos.attribution.lime import superpixels
+from lumos.core.batching import rows_per_call
 
 RESULTS = Path(__file__).parent / "results"
 N_IMAGES, N_SAMPLES, SEEDS, REPEATS = 2, 500, range(3), 3
@@ -77,8 +78,9 @@ def main() -> None:
         rows = x.repeat_interleave(N_SAMPLES, 0)
         with torch.no_grad():
             model(x)  # the outputs on the inputs (the target), which every explanation needs
-            for start in range(0, len(rows), 682):  # lumos' default chunk for 64×64×3 rows
-                model(rows[start : start + 682])
+            step = rows_per_call(None, (x,))  # lumos' default chunk on this device
+            for start in range(0, len(rows), step):
+                model(rows[start : start + step])
 
     run_lumos(), bare_forwards()  # warm-up
     times = {"lumos": [], "lime": [], "bare": []}

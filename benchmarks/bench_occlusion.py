@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 import lumos
+from lumos.core.batching import rows_per_call
 
 RESULTS = Path(__file__).parent / "results"
 N_IMAGES, WINDOW, STRIDE, REPEATS = 8, 8, 4, 3
@@ -54,8 +55,9 @@ def main() -> None:
         rows = x.repeat_interleave(positions, 0)
         with torch.no_grad():
             model(x)
-            for start in range(0, len(rows), 682):  # lumos' default chunk for 64×64×3 rows
-                model(rows[start : start + 682])
+            step = rows_per_call(None, (x,))  # lumos' default chunk on this device
+            for start in range(0, len(rows), step):
+                model(rows[start : start + step])
 
     ours, captum = run_lumos(), run_captum(1)
     max_difference = float((ours - captum).abs().max())

@@ -22,15 +22,12 @@ import torch
 from torch import nn
 
 from lumos.attribution.baselines import resolve_baselines
-from lumos.core.batching import chunks
+from lumos.core.batching import chunks, rows_per_call
 from lumos.core.errors import BaselineError, InputError
 from lumos.core.explanation import Explanation
 from lumos.core.inputs import InputsLike
 from lumos.core.method import Context, Method
 from lumos.core.targets import TargetLike
-
-# rows of one model call when batch_size is None: about 8M input elements (32 MB of float32)
-_ELEMENTS_PER_CALL = 2**23
 
 
 class TensorCallable:
@@ -289,8 +286,7 @@ class BlackBoxMethod(Method):
         """The target at `len(example_index)` generated rows, built and evaluated chunk by chunk
         (`make_rows(s)` builds rows `s`; row r belongs to example `example_index[r]`)."""
         n_rows = len(example_index)
-        per_row = sum(int(x[0].numel()) for x in ctx.inputs)
-        size = self.batch_size or max(1, _ELEMENTS_PER_CALL // max(per_row, 1))
+        size = rows_per_call(self.batch_size, ctx.inputs)
         parts = list(chunks(n_rows, size))
         if self.progress:
             from tqdm.auto import tqdm

@@ -10,11 +10,10 @@ from typing import Any
 import torch
 
 from lumos.attribution.blackbox import (
-    _ELEMENTS_PER_CALL,
     as_tensor_model,
     make_players,
 )
-from lumos.core.batching import check_batch_size, check_count, chunks
+from lumos.core.batching import check_batch_size, check_count, chunks, rows_per_call
 from lumos.core.errors import InputError, unknown_name
 from lumos.core.inputs import call_model, flatten_inputs
 from lumos.core.model import model_device, preserved
@@ -94,8 +93,7 @@ def permutation_importance(
     m = players.n_players
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
     perms = torch.rand(n_repeats, m, n, generator=generator).argsort(2).to(device)
-    per_row = sum(int(x[0].numel()) for x in xs)
-    step = batch_size or max(1, _ELEMENTS_PER_CALL // max(per_row, 1))
+    step = rows_per_call(batch_size, xs)
     n_rows = n_repeats * m * n
 
     def rows(s: slice) -> list[torch.Tensor]:

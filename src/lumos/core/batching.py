@@ -3,9 +3,19 @@ not depend on it (up to float rounding)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+
+import torch
 
 from lumos.core.errors import InputError
+
+#: input elements per model call when `batch_size` is None and a method generates many rows
+#: (perturbations, coalitions, metric curves). On the CPU a model is fastest with activations
+#: that stay in cache: the zoo's 64×64 CNN runs 1,000 rows 2.3× faster in chunks of 32 than in
+#: one call, so about 2M bytes of float32 input per call there (e.g. 42 rows of 3×64×64);
+#: accelerators want large batches, so 8M elements there.
+CPU_ELEMENTS_PER_CALL = 2**19
+DEVICE_ELEMENTS_PER_CALL = 2**23
 
 
 def check_batch_size(batch_size: int | None) -> int | None:
@@ -21,6 +31,17 @@ def check_count(value: object, name: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise InputError(f"{name} must be an int >= {minimum}, got {value!r}.")
     return value
+
+
+def rows_per_call(batch_size: int | None, rows: Sequence[torch.Tensor]) -> int:
+    """`batch_size`, or when it is None the number of rows like `rows` (one example of each
+    input tensor) that make one efficient model call on their device (see
+    `CPU_ELEMENTS_PER_CALL`)."""
+    if batch_size is not None:
+        return batch_size
+    per_row = sum(int(x[0].numel()) for x in rows)
+    budget = CPU_ELEMENTS_PER_CALL if rows[0].device.type == "cpu" else DEVICE_ELEMENTS_PER_CALL
+    return max(1, budget // max(per_row, 1))
 
 
 def chunks(n_rows: int, batch_size: int | None) -> Iterator[slice]:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lumos.core.batching import check_batch_size, chunks
+from lumos.core.batching import check_batch_size, chunks, rows_per_call
 from lumos.core.errors import InputError, unknown_name
 from lumos.core.inputs import (
     Structure,
@@ -352,7 +352,7 @@ class ModelRunner:
         to `example_index[r]`."""
         out = torch.empty(n_rows, device=self.device, dtype=torch.float64)
         with preserved(self.model), torch.no_grad():
-            for s in chunks(n_rows, self.batch_size):
+            for s in chunks(n_rows, rows_per_call(self.batch_size, self.xs)):
                 outputs = self.call(make_rows(s))
                 out[s] = self._select(outputs, example_index[s]).double()
         return out
