@@ -104,8 +104,10 @@ class Method:
     """Base class of attribution methods.
 
     Shared options:
-        batch_size: the maximum number of rows in one forward/backward pass; None runs each
-            step in one pass. Results do not depend on it (up to float rounding).
+        batch_size: the maximum number of rows in one forward/backward pass. None runs each
+            gradient step in one pass, and sends the rows a black-box method generates in
+            calls sized for the device (`lumos.core.batching.rows_per_call`). Results do not
+            depend on it (up to float rounding).
     """
 
     name: ClassVar[str] = ""
