@@ -13,7 +13,7 @@ from torch import nn
 from lumos.attribution.cam.base import CAMMethod, Reshape, find_layer, resize
 from lumos.attribution.cam.downstream import Downstream
 from lumos.attribution.layer import resolve_layers
-from lumos.core.batching import chunks
+from lumos.core.batching import chunks, rows_per_call
 from lumos.core.errors import InputError, TargetError, UnsupportedModelError
 from lumos.core.method import Attribution, Context
 from lumos.core.model import hooks
@@ -223,7 +223,7 @@ class ScoreCAM(_PerChannelCAM):
                     output = self.call(rows, ctx.structure)
                     blank[s] = ctx.target.select(output, index).to(acts.dtype)
                 scores[constant] = blank[example[constant]]
-            for s in chunks(len(live), self.batch_size):
+            for s in chunks(len(live), rows_per_call(self.batch_size, ctx.inputs)):
                 e, c = example[live[s]], channel[live[s]]
                 masks = resize(acts[e, c].unsqueeze(1), tuple(image.shape[-2:]))
                 low = masks.flatten(1).amin(1).view(-1, 1, 1, 1)
