@@ -135,3 +135,20 @@ def test_permutation_importance_on_a_torch_regressor_with_groups():
         model, x, y, metric="neg_mse", feature_mask=torch.tensor([0, 1, 1, 0])
     )
     assert result.mean.shape == (2,) and result.mean[0].abs() < 1e-9 and result.mean[1] > 1
+
+
+def test_generated_rows_reach_the_model_in_its_usual_layout():
+    """A model that views across the batch needs contiguous rows (the player masks are looked
+    up as a transposed view)."""
+    torch.manual_seed(0)
+    weights = torch.randn(3, 3)
+
+    def model(x: torch.Tensor) -> torch.Tensor:
+        assert x.is_contiguous()
+        return x.view(-1, 2).sum(1).view(x.shape[0], 3) @ weights
+
+    x, labels = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    scores = permutation_importance(model, x, labels, n_repeats=2)
+    assert torch.isfinite(torch.as_tensor(scores.mean)).all()
+    exp = lumos.explain(model, x, method="kernel_shap", target=1, n_samples=40)
+    assert torch.isfinite(exp.attributions).all()

@@ -266,3 +266,16 @@ def test_reveal_cancel_refuses_max_pooling_and_unknown_rules_are_named():
         deeplift(tiny_cnn(), torch.rand(1, 3, 16, 16), 0, rule="reveal_cancel")
     with pytest.raises(UnknownNameError, match="reveal_cancel"):
         deeplift(tiny_cnn(), torch.rand(1, 3, 16, 16), 0, rule="reveal_cancell")
+
+
+def test_a_nonlinearity_off_the_batch_dimension_is_refused_by_name():
+    class Flattened(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(6, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.relu(x.reshape(-1)).reshape(x.shape[0], 6))
+
+    with pytest.raises(lumos.LumosError, match=r"batch dimension.*relu"):
+        deeplift(Flattened(), torch.randn(3, 6), 0)

@@ -117,7 +117,8 @@ class Players:
         self, on: torch.Tensor, example_index: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
         """For rows with player states `on` (R, M) bool, which elements of each input are on
-        (one (R, D_i) bool tensor per input, rows belonging to `example_index`)."""
+        (one (R, D_i) bool tensor per input, rows belonging to `example_index`). They may be
+        transposed views: rows built from them should be made contiguous."""
         result = []
         first = example_index[:1]
         single = bool((example_index == first).all())

@@ -102,7 +102,9 @@ def permutation_importance(
         source = perms[rep, player, e]
         on = players.on_elements(torch.nn.functional.one_hot(player, m).bool(), e)
         return [
-            torch.where(mask.view(-1, *x.shape[1:]), x[source], x[e]) for x, mask in zip(xs, on)
+            # (`on` may be a transposed view: keep the rows in the model's usual layout)
+            torch.where(mask.view(-1, *x.shape[1:]), x[source], x[e]).contiguous()
+            for x, mask in zip(xs, on)
         ]
 
     with preserved(model), torch.no_grad():

@@ -87,16 +87,15 @@ class _MaxPoolRescale(torch.autograd.Function):
         dx = x - x_ref
         small = dx.abs() < EPS
         any_small = bool(small.any())
-        (routed,) = torch.autograd.grad(out, leaf, grad * (y_top - y_ref), retain_graph=any_small)
+        (routed,) = torch.autograd.grad(out, leaf, grad * (y_top - y_ref), retain_graph=True)
         with torch.enable_grad():  # (batched gradients of a shared row loop over rows: slower)
             leaf_ref = x_ref.detach().expand_as(x).requires_grad_(True)
             (routed_ref,) = torch.autograd.grad(fn(leaf_ref), leaf_ref, grad * (y - y_top))
         result = (routed + routed_ref).div_(dx)  # where Δx ≈ 0 replaced below
         if any_small:
-            (plain,) = torch.autograd.grad(out, leaf, grad)
+            (plain,) = torch.autograd.grad(out, leaf, grad, retain_graph=True)
             result = torch.where(small, plain, result, out=result)
-        del ctx.leaf, ctx.out, ctx.fn
-        return result, None, None, None
+        return result, None, None, None  # (the pooling graph lives as long as ctx)
 
 
 def _vjp(fn: Callable, x: Tensor, grad: Tensor) -> Tensor:
@@ -135,18 +134,29 @@ class RescaleStrategy(Strategy):
     def __init__(self, references: dict[Any, tuple[Tensor, Tensor]]) -> None:
         self.references = references
         self.index: Tensor | None = None  # reference row of each input row; None: shared row
+        self.rows = 0  # input rows of the current pass
 
-    def _paired(self, step: Step) -> tuple[Tensor, Tensor]:
+    def _paired(self, step: Step, x: Tensor) -> tuple[Tensor, Tensor]:
         x_ref, y_ref = self.references[step.node]
+        if x.dim() == 0 or x.shape[0] != self.rows or x.shape[1:] != x_ref.shape[1:]:
+            raise UnsupportedModelError(
+                f"DeepLIFT pairs every row with its reference row along the batch dimension, "
+                f"but '{step.path}' runs on a tensor of shape {tuple(x.shape)} for a pass of "
+                f"{self.rows} rows (the batch is no longer the first dimension there). Keep "
+                "the batch first through the model's nonlinearities, or use "
+                "'integrated_gradients'."
+            )
         if self.index is None:
             return x_ref, y_ref
         return x_ref[self.index], y_ref[self.index]
 
     def activation(self, step: Step, fn: Callable, x: Tensor) -> Tensor:
-        return _Rescale.apply(x, fn, *self._paired(step)) if x.requires_grad else fn(x)
+        return _Rescale.apply(x, fn, *self._paired(step, x)) if x.requires_grad else fn(x)
 
     def max_pool(self, step: Step, fn: Callable, x: Tensor) -> Tensor:
-        return _MaxPoolRescale.apply(x, fn, *self._paired(step)) if x.requires_grad else fn(x)
+        if not x.requires_grad:
+            return fn(x)
+        return _MaxPoolRescale.apply(x, fn, *self._paired(step, x))
 
 
 class _RevealCancel(torch.autograd.Function):
@@ -324,7 +334,7 @@ class _DeepLiftBase(Method):
         strategy = RescaleStrategy(ready.records)
         for s in chunks(pairs, self.batch_size):
             e, r = example[s], reference[s]
-            strategy.index = None if ready.shared else r
+            strategy.index, strategy.rows = (None if ready.shared else r), len(e)
             if first is None:
                 xs = tuple(x[e].detach().requires_grad_(True) for x in ctx.inputs)
                 output = self.run_graph(graph, strategy, xs, ctx.structure, grad=True)
@@ -413,6 +423,7 @@ class DeepLift(_DeepLiftBase):
         strategy = RescaleStrategy(ready.records)
         n = int(xs[0].shape[0])
         strategy.index = None if ready.shared else torch.arange(n, device=xs[0].device)
+        strategy.rows = n
         rows = tuple(x.detach().requires_grad_(True) for x in xs)
         output = self.run_graph(graph, strategy, rows, structure, grad=True)
         return Live(rows, output, (graph, refs, (ready, rows, output)))
