@@ -467,3 +467,30 @@ def test_lrp_does_not_depend_on_batch_size():
     b = lrp(model, x, 2, composite="epsilon_gamma_box", batch_size=2)
     assert torch.allclose(a.attributions, b.attributions, atol=1e-12)
     assert torch.allclose(a.delta, b.delta, atol=1e-12)
+
+
+def test_batchnorm_over_positions_of_a_linear_is_refused_where_weights_would_merge_wrongly():
+    """BatchNorm1d after a Linear on (N, L, F) normalises the L positions, not the Linear's
+    output features: ε (which keeps the weights) handles it exactly; rules that modify the
+    merged weights are refused instead of giving wrong numbers."""
+
+    class PerPosition(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.bn = nn.Linear(3, 4), nn.BatchNorm1d(5)
+            self.out = nn.Linear(20, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(torch.relu(self.bn(self.fc(x))).flatten(1))
+
+    from lumos.attribution.propagation.rules import ZPlus
+
+    torch.manual_seed(0)
+    model = PerPosition().double().eval()
+    model.bn.running_mean.uniform_(-0.5, 0.5)
+    model.bn.running_var.uniform_(0.5, 1.5)
+    x = torch.rand(2, 5, 3, dtype=torch.float64)
+    exp = lrp(model, x, 1, composite="epsilon")
+    torch.testing.assert_close(exp.outputs, model(x).detach())
+    with pytest.raises(lumos.LumosError, match="dim 1 of a Linear"):
+        lrp(model, x, 1, composite={nn.Linear: ZPlus()})

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 
-import torch
 import torch.fx as fx
 from torch import nn
 
@@ -61,12 +60,13 @@ class MergeBatchNorm(Canonizer):
 
 
 def merge(layer: Layer, bn: nn.Module) -> Layer:
-    """A new `Layer` computing ``bn(layer(x))``: the BatchNorm's scale ``s`` and the merged bias
-    ``s·b + shift``; the merged weight ``s·W`` is built only if a rule asks for it."""
+    """A new `Layer` computing ``bn(layer(x))``: the layer's own parameters with the
+    BatchNorm's scale ``s`` and shift; merged parameters ``s·W``, ``s·b + shift`` are built
+    only if a rule asks for them."""
     scale, shift = batchnorm_affine(bn)
-    bias = torch.zeros_like(scale) if layer.bias is None else layer.bias.detach()
     weight = None if layer.raw is None else layer.raw.detach()
-    return Layer(layer.fn, weight, bias * scale + shift, scale=scale)
+    bias = None if layer.raw_bias is None else layer.raw_bias.detach()
+    return Layer(layer.fn, weight, bias, scale=scale, shift=shift)
 
 
 @contextlib.contextmanager

@@ -216,7 +216,7 @@ class RevealCancelStrategy(Strategy):
 
     def layer(self, step: Step, layer: Layer, x: Tensor) -> Tensor:
         ref, pos, neg = x.chunk(3)
-        w = layer.weight
+        w = layer.weight_for(ref, step, "deeplift")
 
         def part(sign: int) -> Callable:
             weight = w.clamp(min=0) if sign > 0 else w.clamp(max=0)

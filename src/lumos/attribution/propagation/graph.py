@@ -126,10 +126,12 @@ def register_op(target: Any, kind: str) -> None:
 class Layer:
     """A linear layer as ``fn(x, weight, bias)`` with its (possibly canonized) parameters.
 
-    A layer merged with the BatchNorm after it keeps its own weight `raw` and the BatchNorm's
-    per-channel `scale`: its output is ``fn(x, raw)·scale + bias``, which is how rules that leave
-    the parameters alone (ε, LRP-0) evaluate it, so they never build the merged weight;
-    `weight` (``raw·scale``) is built on first use, for rules that modify the parameters.
+    A layer merged with the BatchNorm after it keeps its own weight and bias (`raw`,
+    `raw_bias`) and the BatchNorm's per-channel `scale` and `shift`: its output is
+    ``fn(x, raw, raw_bias)·scale + shift`` along dim 1 — exactly ``bn(layer(x))`` — which is how
+    rules that leave the parameters alone (ε, LRP-0) evaluate it, so they never build merged
+    parameters. `weight` (``raw·scale``) and `bias` (``raw_bias·scale + shift``) are built on
+    first use, for rules that modify the parameters, where dim 1 is the output features.
     """
 
     def __init__(
@@ -138,9 +140,12 @@ class Layer:
         weight: Tensor | None,
         bias: Tensor | None,
         scale: Tensor | None = None,
+        shift: Tensor | None = None,
     ) -> None:
-        self.fn, self.raw, self.bias, self.scale = fn, weight, bias, scale
+        self.fn, self.raw, self.raw_bias = fn, weight, bias
+        self.scale, self.shift = scale, shift
         self._weight = None if scale is not None else weight
+        self._bias = None if scale is not None else bias
 
     @property
     def weight(self) -> Tensor | None:
@@ -148,17 +153,37 @@ class Layer:
             self._weight = self.raw * self.scale.view((-1,) + (1,) * (self.raw.dim() - 1))
         return self._weight
 
-    def scaled(self, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
-        """``fn(x, raw)·scale + bias`` (`weight` is ignored: it is the merged weight's stand-in);
-        channels are on dim 1, as for every layer a BatchNorm can follow."""
-        z = self.fn(x, self.raw, None)
+    @property
+    def bias(self) -> Tensor | None:
+        if self._bias is None and self.scale is not None:
+            raw = 0.0 if self.raw_bias is None else self.raw_bias
+            self._bias = raw * self.scale + self.shift
+        return self._bias
+
+    def weight_for(self, x: Tensor, step: Step, method: str) -> Tensor | None:
+        """`weight`, refused where a merged BatchNorm's channels (dim 1 of the output) are not
+        the layer's output features: a Linear on inputs of more than two dimensions."""
+        if self.scale is not None and self.raw is not None and self.raw.dim() == 2 and x.dim() > 2:
+            raise UnsupportedModelError(
+                f"{method}: the BatchNorm after '{step.path}' normalises dim 1 of a Linear "
+                f"output of {x.dim()} dimensions, which is not the Linear's output features, so "
+                "it cannot be merged into its weights for this rule. Use a rule that keeps the "
+                "weights (ε) for this layer, or pass canonizers=[]."
+            )
+        return self.weight
+
+    def scaled(self, x: Tensor, weight: Tensor | None, shift: Tensor | None) -> Tensor:
+        """``fn(x, raw, raw_bias)·scale + shift`` along dim 1 (BatchNorm's channels); `weight`
+        is ignored (the merged weight's stand-in) and a None `shift` drops both biases, as a
+        rule without bias asks."""
+        z = self.fn(x, self.raw, None if shift is None else self.raw_bias)
         shape = (1, -1) + (1,) * (z.dim() - 2)
         z = z * self.scale.view(shape)
-        return z if bias is None else z + bias.view(shape)
+        return z if shift is None else z + shift.view(shape)
 
     def __call__(self, x: Tensor) -> Tensor:
         if self.scale is not None:
-            return self.scaled(x, None, self.bias)
+            return self.scaled(x, None, self.shift)
         return self.fn(x, self.weight, self.bias)
 
 

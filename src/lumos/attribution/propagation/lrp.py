@@ -41,8 +41,8 @@ class RuleStrategy(Strategy):
     def layer(self, step: Step, layer: Layer, x: Tensor) -> Tensor:
         rule = self._record(step, require_rule(self.composite, step, self.method))
         if layer.scale is not None and _keeps_params(rule):  # merged BatchNorm, no new weight
-            return propagate(rule, layer.scaled, (x,), layer.raw, layer.bias)
-        return propagate(rule, layer.fn, (x,), layer.weight, layer.bias)
+            return propagate(rule, layer.scaled, (x,), layer.raw, layer.shift)
+        return propagate(rule, layer.fn, (x,), layer.weight_for(x, step, self.method), layer.bias)
 
     def _elementwise(self, step: Step, fn: Callable, x: Tensor, default) -> Tensor:
         rule = self._record(step, self.composite.rule_for(step) or default)
