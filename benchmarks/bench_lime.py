@@ -74,8 +74,22 @@ def main() -> None:
             coefficients.append(np.array([weights[k] for k in sorted(weights)]))
         return coefficients
 
+    # the perturbed rows the method needs, built once outside the timing: each superpixel kept
+    # or replaced by its mean colour with probability 1/2 (forward time depends a little on
+    # the data, so repeated copies of the inputs would flatter the bare loop by about 4%)
+    generator = torch.Generator().manual_seed(0)
+    parts = []
+    for i in range(N_IMAGES):
+        seg = segments[i]
+        n_seg = int(seg.max()) + 1
+        means = torch.stack([x[i][:, seg == k].mean(1) for k in range(n_seg)])  # (S, C)
+        hidden = means.T[:, seg]  # (C, H, W)
+        keep = torch.rand(N_SAMPLES, n_seg, generator=generator) < 0.5
+        parts.append(torch.where(keep[:, seg].unsqueeze(1), x[i], hidden))
+    perturbed = torch.cat(parts)
+
     def bare_forwards() -> None:
-        rows = x.repeat_interleave(N_SAMPLES, 0)
+        rows = perturbed
         with torch.no_grad():
             model(x)  # the outputs on the inputs (the target), which every explanation needs
             step = rows_per_call(None, (x,))  # lumos' default chunk on this device
