@@ -9,7 +9,7 @@ benchmarks/results/lime.{json,md}.
 from __future__ import annotations
 
 import json
-import time
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +20,11 @@ import lumos
 from lumos.attribution.lime import superpixels
 from lumos.core.batching import rows_per_call
 
+sys.path.insert(0, str(Path(__file__).parent))
+from common import timed
+
 RESULTS = Path(__file__).parent / "results"
 N_IMAGES, N_SAMPLES, SEEDS, REPEATS = 2, 500, range(3), 3
-
-
-def timed(fn):
-    start = time.perf_counter()
-    result = fn()
-    return result, time.perf_counter() - start
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ table, writes benchmarks/results/occlusion.{json,md}.
 from __future__ import annotations
 
 import json
-import time
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,14 +17,11 @@ import torch
 import lumos
 from lumos.core.batching import rows_per_call
 
+sys.path.insert(0, str(Path(__file__).parent))
+from common import timed
+
 RESULTS = Path(__file__).parent / "results"
 N_IMAGES, WINDOW, STRIDE, REPEATS = 8, 8, 4, 3
-
-
-def timed(fn):
-    start = time.perf_counter()
-    result = fn()
-    return result, time.perf_counter() - start
 
 
 def main() -> None:

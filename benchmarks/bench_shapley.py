@@ -9,7 +9,7 @@ benchmarks/results/shapley.{json,md}.
 from __future__ import annotations
 
 import json
-import time
+import sys
 import warnings
 from pathlib import Path
 
@@ -18,6 +18,9 @@ import torch
 from torch import nn
 
 import lumos
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import timed
 
 RESULTS = Path(__file__).parent / "results"
 N_FEATURES, N_EXAMPLES, TARGET = 14, 16, 1
@@ -34,12 +37,6 @@ def mlp() -> nn.Module:
 def relative_error(estimate: np.ndarray, exact: np.ndarray) -> float:
     """Mean over examples of ‖φ̂ − φ‖² / ‖φ‖²."""
     return float(np.mean(((estimate - exact) ** 2).sum(1) / (exact**2).sum(1)))
-
-
-def timed(fn):
-    start = time.perf_counter()
-    result = fn()
-    return result, time.perf_counter() - start
 
 
 def compare(model, x, reference, phi, budget, f_numpy) -> list[dict]:

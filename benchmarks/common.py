@@ -65,6 +65,13 @@ def resnet18(seed: int = 0) -> ResNet18:
     return ResNet18().eval()
 
 
+def timed(fn: Callable[[], object]) -> tuple[object, float]:
+    """`fn()`'s result and its wall-clock seconds."""
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
 def interleaved(candidates: dict[str, Callable[[], object]], repeats: int = 5) -> dict[str, float]:
     """Median seconds of each candidate, run round-robin after one warm-up each."""
     for fn in candidates.values():
