@@ -97,6 +97,9 @@ def main() -> None:
 
     # Quantus takes one relevance per pixel: (B, 1, H, W)
     xn, yn, an = x.numpy(), y.numpy(), saliency.sum(1, keepdim=True).numpy()
+    # what every Quantus metric is called with
+    on_batch = {"model": model, "x_batch": xn, "y_batch": yn, "a_batch": an}
+    on_batch |= {"device": "cpu", "batch_size": batch}
     workloads = {
         "pixel_flipping": {
             "lumos": lambda: M.pixel_flipping(
@@ -111,15 +114,7 @@ def main() -> None:
                     normalise=False,
                     return_auc_per_sample=False,
                     disable_warnings=True,
-                )(
-                    model=model,
-                    x_batch=xn,
-                    y_batch=yn,
-                    a_batch=an,
-                    device="cpu",
-                    softmax=False,
-                    batch_size=batch,
-                )
+                )(**on_batch, softmax=False)
             ),
             "bare": lambda: bare_forwards(model, x, args.n * (STEPS + 1), batch),
             "passes": f"{args.n * (STEPS + 1)} forward rows",
@@ -141,15 +136,7 @@ def main() -> None:
                     nr_samples=SAMPLES,
                     lower_bound=RADIUS,
                     disable_warnings=True,
-                )(
-                    model=model,
-                    x_batch=xn,
-                    y_batch=yn,
-                    a_batch=an,
-                    device="cpu",
-                    explain_func=quantus_explain,
-                    batch_size=batch,
-                )
+                )(**on_batch, explain_func=quantus_explain)
             ),
             "bare": lambda: bare_gradients(model, x, args.n * SAMPLES, batch),
             "passes": f"{args.n * SAMPLES} forward+backward rows",
@@ -162,13 +149,7 @@ def main() -> None:
             "quantus": quantus
             and (
                 lambda: quantus.MPRT(disable_warnings=True, return_average_correlation=False)(
-                    model=model,
-                    x_batch=xn,
-                    y_batch=yn,
-                    a_batch=an,
-                    device="cpu",
-                    explain_func=quantus_explain,
-                    batch_size=batch,
+                    **on_batch, explain_func=quantus_explain
                 )
             ),
             "bare": lambda: bare_gradients(model, x, args.n * (n_layers + 1), batch),
