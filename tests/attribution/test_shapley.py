@@ -271,3 +271,9 @@ def test_progress_bar_runs(capsys):
     exp = KernelShap(mlp(6), progress=True, batch_size=16).explain(torch.randn(1, 6), 0)
     assert exp.delta.abs().max() < 1e-6
     assert "kernel_shap" in capsys.readouterr().err
+
+
+def test_kernel_shap_shrink_must_be_a_bool():
+    model = torch.nn.Linear(4, 2)
+    with pytest.raises(lumos.LumosError, match="shrink must be True or False"):
+        lumos.explain(model, torch.rand(2, 4), method="kernel_shap", target=0, shrink="no")

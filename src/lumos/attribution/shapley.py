@@ -212,7 +212,9 @@ class KernelShap(ShapleyMethod):
         self.n_bootstrap = check_count(n_bootstrap, "n_bootstrap", 2)
         if tol is not None and not (isinstance(tol, (int, float)) and tol > 0):
             raise InputError(f"tol must be a positive number or None, got {tol!r}.")
-        self.tol, self.shrink = tol, bool(shrink)
+        if not isinstance(shrink, bool):
+            raise InputError(f"shrink must be True or False, got {shrink!r}.")
+        self.tol, self.shrink = tol, shrink
 
     def _config(self) -> dict[str, Any]:
         return {
