@@ -54,7 +54,9 @@ def test_occlusion_fills_with_mean_blur_or_a_tensor():
         exp = lumos.explain(model, x, method="occlusion", target=0, fill=fill)
         assert exp.attributions.shape == x.shape and torch.isfinite(exp.attributions).all()
     same = lumos.explain(model, x, method="occlusion", target=0, fill=x[0])
-    assert same.attributions.abs().max() == 0  # filling with the input itself changes nothing
+    # filling with the input itself changes nothing (up to the rounding of kernels that
+    # differ with the batch size)
+    assert same.attributions.abs().max() < 1e-6
 
 
 def test_occlusion_defaults_and_window_errors():

@@ -220,7 +220,7 @@ class Method:
                 options={**self._config(), **call_options},
                 targets=target.for_examples(n),
                 outputs=out_tensor,
-                delta=None if result.delta is None else result.delta.detach().cpu(),
+                delta=None if result.delta is None else result.delta.detach(),
                 timing=dict(timing),
                 extras=result.extras,
             )
