@@ -5,7 +5,8 @@ torchvision only for image utilities and detection targets, which are stubbed he
 classes can be timed without installing torchvision), ÷ a straightforward per-channel reference
 in torch, and ÷ the bare forwards/backwards the method needs. Also the top-k Score-CAM variant:
 its time and its agreement (Spearman rank correlation of the maps) with full Score-CAM.
-Measured interleaved in one process, the fastest of repeats, CPU with 2 threads. Score-CAM's
+Measured interleaved in one process, the fastest of repeats, CPU with 2 threads (or
+`--device cuda`). Score-CAM's
 straightforward reference runs only when pytorch-grad-cam is missing (it is the same loop).
 
     PYTHONPATH=src .venv/bin/python benchmarks/bench_cam.py [--quick]
@@ -18,7 +19,6 @@ import json
 import os
 import statistics
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import lumos
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import ResNet18
+from common import ResNet18, add_device_option, describe, result_name, setup_device, timed
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -170,9 +170,8 @@ def best_times(fns: dict, repeats: int) -> tuple[dict, dict]:
     times, results = {k: [] for k in fns}, {}
     for _ in range(repeats):
         for name, fn in fns.items():
-            start = time.perf_counter()
-            results[name] = fn()
-            times[name].append(time.perf_counter() - start)
+            results[name], seconds = timed(fn)
+            times[name].append(seconds)
     return {k: min(v) for k, v in times.items()}, results
 
 
@@ -185,22 +184,25 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="small sizes, one repeat")
+    parser.add_argument("--size", type=int, help="image side (default 96; 64 with --quick)")
+    add_device_option(parser)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    device = setup_device(args.device)
     torch.manual_seed(0)
-    size = 64 if args.quick else 96
-    model = ResNet18(n_classes=10).eval()
+    size = args.size or (64 if args.quick else 96)
+    model = ResNet18(n_classes=10).eval().to(device)
     gc = pytorch_grad_cam()
     rows = []
     for n in (1, 2) if args.quick else (1, 2, 8):
         rows += bench_batch(model, gc, n, size, args.quick)
-    save(rows, size, gc is not None)
+    save(rows, size, gc is not None, device)
 
 
 def bench_batch(model, gc, n: int, size: int, quick: bool) -> list[dict]:
     """Every method on a batch of `n` random images."""
     layer, rows = model.layer4, []
-    x = torch.rand(n, 3, size, size)
+    device = next(model.parameters()).device
+    x = torch.rand(n, 3, size, size).to(device)
     with torch.no_grad():
         y = model(x).argmax(1)
     targets = None
@@ -248,7 +250,7 @@ def bench_batch(model, gc, n: int, size: int, quick: bool) -> list[dict]:
     rows.append(row)
 
     ablated = a.repeat_interleave(a.shape[1], 0)
-    ablated[torch.arange(len(ablated)), torch.arange(a.shape[1]).repeat(n)] = 0
+    ablated[torch.arange(len(ablated)), torch.arange(a.shape[1]).repeat(n).to(device)] = 0
 
     def tail(rows):
         return model.fc(torch.flatten(model.avgpool(rows), 1))
@@ -278,16 +280,17 @@ def record(method: str, n: int, size: int, times: dict) -> dict:
     return row
 
 
-def save(rows: list[dict], size: int, with_peer: bool) -> None:
+def save(rows: list[dict], size: int, with_peer: bool, device: torch.device) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     meta = {
         "model": f"ResNet-18 (plain torch), layer4 (512 channels), {size}×{size} inputs",
-        "device": "cpu, 2 threads",
+        "device": describe(device),
         "pytorch-grad-cam": with_peer,
         "torch": torch.__version__,
         "load average": [round(v, 1) for v in os.getloadavg()],
     }
-    (RESULTS / "cam.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    name = result_name("cam", device)
+    (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     keys = []
     for row in rows:
         keys += [k for k in row if k not in keys]
@@ -300,15 +303,15 @@ def save(rows: list[dict], size: int, with_peer: bool) -> None:
     lines += ["| " + " | ".join(str(row.get(k, "")) for k in keys) + " |" for row in rows]
     lines += [
         "",
-        f"Load average during the run: {meta['load average']} on 2 cores; with other jobs running",
-        "single timings vary by ±50%, so read ratios near 1 as equal. What each runs, for n images",
+        f"Load average during the run: {meta['load average']}; with other jobs running on the",
+        "CPU single timings vary by ±50%, so read ratios near 1 as equal. What each runs, n images",
         "and C = 512 channels: Grad-CAM — lumos, bare and the peer one forward + one backward to",
         "the layer; Score-CAM — n + n·C forwards for all three (lumos: constant channels share one",
         "forward); Ablation-CAM — lumos one forward + n·C runs of the part after the layer",
         "(torch.fx tail), the peer and the reference n + n·C full forwards. Spearman: rank",
         "correlation of top-k Score-CAM maps with full Score-CAM at layer resolution.",
     ]
-    (RESULTS / "cam.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

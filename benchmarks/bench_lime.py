@@ -1,13 +1,17 @@
-"""LIME on 64×64 images of the zoo `shapes` CNN: lumos vs the `lime` package at equal
-num_samples and the same SLIC segmentation and hide colour, against the bare forwards the
-samples need; plus the spread of the coefficients across seeds. Prints a table, writes
-benchmarks/results/lime.{json,md}.
+"""LIME on images: lumos vs the `lime` package at equal num_samples and the same SLIC
+segmentation and hide colour, against the bare forwards the samples need; plus the spread of
+the coefficients across seeds. Two models: the zoo `shapes` CNN on 2 of its 64×64 images
+(default), or `--model resnet18`, a ResNet-18 (plain torch, random weights) on 2 of
+scikit-image's photos at 224×224, where the per-sample work around the model grows with the
+image. `--device cuda` runs every contestant's model calls on the GPU. Prints a table, writes
+benchmarks/results/lime[_resnet18][_cuda].{json,md}.
 
-    PYTHONPATH=src .venv/bin/python benchmarks/bench_lime.py
+    PYTHONPATH=src .venv/bin/python benchmarks/bench_lime.py [--model resnet18] [--device cuda]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -21,26 +25,43 @@ from lumos.attribution.lime import superpixels
 from lumos.core.batching import rows_per_call
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import timed
+from common import add_device_option, describe, resnet18, result_name, setup_device, timed
 
 RESULTS = Path(__file__).parent / "results"
 N_IMAGES, N_SAMPLES, SEEDS, REPEATS = 2, 500, range(3), 3
 
 
+def load(model_name: str, device: torch.device):
+    """(softmax model, images (n, 3, H, W), classes, label) on `device`."""
+    if model_name == "shapes":
+        bundle = lumos.zoo.load("shapes")
+        x, y = bundle.test_batch(N_IMAGES)[:2]
+        model = nn.Sequential(bundle.model, nn.Softmax(1)).eval().to(device)
+        return model, x.to(device), y.to(device), "zoo `shapes` CNN, 64×64 images"
+    model = nn.Sequential(resnet18(), nn.Softmax(1)).eval().to(device)
+    x = torch.stack([lumos.zoo.image(name, 224) for name in ("astronaut", "chelsea")])
+    x = x[:N_IMAGES].to(device)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    return model, x, y, "ResNet-18 (random weights), 224×224 photos"
+
+
 def main() -> None:
     from lime import lime_image
 
-    torch.set_num_threads(2)
-    bundle = lumos.zoo.load("shapes")
-    model = nn.Sequential(bundle.model, nn.Softmax(1)).eval()
-    x, y = bundle.test_batch(N_IMAGES)[:2]
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", choices=("shapes", "resnet18"), default="shapes")
+    add_device_option(parser)
+    args = parser.parse_args()
+    device = setup_device(args.device)
+    model, x, y, label = load(args.model, device)
     segments = superpixels(x, "slic")  # (n, H, W), the same for both libraries
-    images = x.permute(0, 2, 3, 1).double().numpy()
+    images = x.permute(0, 2, 3, 1).double().cpu().numpy()
 
     def classifier(batch: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            rows = torch.from_numpy(batch).permute(0, 3, 1, 2).float()
-            return model(rows).numpy()
+            rows = torch.from_numpy(batch).permute(0, 3, 1, 2).float().to(device)
+            return model(rows).cpu().numpy()
 
     def run_lumos(seed: int = 0):
         return lumos.explain(
@@ -64,7 +85,7 @@ def main() -> None:
                 top_labels=None,
                 hide_color=None,
                 num_samples=N_SAMPLES,
-                segmentation_fn=lambda image, i=i: segments[i].numpy(),
+                segmentation_fn=lambda image, i=i: segments[i].cpu().numpy(),
                 random_seed=seed,
             )
             weights = dict(explanation.local_exp[int(y[i])])
@@ -74,14 +95,14 @@ def main() -> None:
     # the perturbed rows the method needs, built once outside the timing: each superpixel kept
     # or replaced by its mean colour with probability 1/2 (forward time depends a little on
     # the data, so repeated copies of the inputs would flatter the bare loop by about 4%)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(0)  # on the CPU, as lumos draws
     parts = []
     for i in range(N_IMAGES):
         seg = segments[i]
         n_seg = int(seg.max()) + 1
         means = torch.stack([x[i][:, seg == k].mean(1) for k in range(n_seg)])  # (S, C)
         hidden = means.T[:, seg]  # (C, H, W)
-        keep = torch.rand(N_SAMPLES, n_seg, generator=generator) < 0.5
+        keep = (torch.rand(N_SAMPLES, n_seg, generator=generator) < 0.5).to(device)
         parts.append(torch.where(keep[:, seg].unsqueeze(1), x[i], hidden))
     perturbed = torch.cat(parts)
 
@@ -102,7 +123,7 @@ def main() -> None:
     seconds = {k: float(np.median(v)) for k, v in times.items()}
 
     # stability: spread of each segment's coefficient across seeds, relative to its size
-    lumos_runs = [run_lumos(seed).extras["coefficients"].numpy() for seed in SEEDS]
+    lumos_runs = [run_lumos(seed).extras["coefficients"].cpu().numpy() for seed in SEEDS]
     lime_runs = [run_lime(seed) for seed in SEEDS]
 
     def spread(runs_per_image: list[np.ndarray]) -> float:
@@ -121,6 +142,8 @@ def main() -> None:
     )
     same_seed = bool(torch.equal(run_lumos(3).attributions, run_lumos(3).attributions))
     result = {
+        "model": label,
+        "device": describe(device),
         "images": N_IMAGES,
         "num_samples": N_SAMPLES,
         "segments_per_image": [int(s.max()) + 1 for s in segments],
@@ -136,8 +159,8 @@ def main() -> None:
         "same_seed_same_result_lumos": same_seed,
     }
     lines = [
-        f"LIME, zoo `shapes` CNN, {N_IMAGES} images 64×64, {N_SAMPLES} samples each, the same "
-        "SLIC superpixels and hide colour (segment means); CPU, 2 threads; median of "
+        f"LIME, {label}, {N_IMAGES} images, {N_SAMPLES} samples each, the same SLIC "
+        f"superpixels and hide colour (segment means); {describe(device)}; median of "
         f"{REPEATS} interleaved runs.",
         "",
         "| | lumos | lime | bare forwards |",
@@ -154,9 +177,10 @@ def main() -> None:
     ]
     table = "\n".join(lines)
     print(table)
+    name = result_name("lime" if args.model == "shapes" else f"lime_{args.model}", device)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "lime.json").write_text(json.dumps(result, indent=2))
-    (RESULTS / "lime.md").write_text(table + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / f"{name}.md").write_text(table + "\n")
 
 
 if __name__ == "__main__":

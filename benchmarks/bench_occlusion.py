@@ -7,6 +7,7 @@ table, writes benchmarks/results/occlusion.{json,md}.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ import lumos
 from lumos.core.batching import rows_per_call
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import timed
+from common import add_device_option, describe, result_name, setup_device, timed
 
 RESULTS = Path(__file__).parent / "results"
 N_IMAGES, WINDOW, STRIDE, REPEATS = 8, 8, 4, 3
@@ -27,10 +28,12 @@ N_IMAGES, WINDOW, STRIDE, REPEATS = 8, 8, 4, 3
 def main() -> None:
     from captum.attr import Occlusion
 
-    torch.set_num_threads(2)
+    parser = argparse.ArgumentParser()
+    add_device_option(parser)
+    device = setup_device(parser.parse_args().device)
     bundle = lumos.zoo.load("shapes")
-    model = bundle.model
-    x, y = bundle.test_batch(N_IMAGES)[:2]
+    model = bundle.model.to(device)
+    x, y = (t.to(device) for t in bundle.test_batch(N_IMAGES)[:2])
     positions = ((64 - WINDOW) // STRIDE + 1) ** 2
 
     def run_lumos():
@@ -80,6 +83,7 @@ def main() -> None:
         for name, s in seconds.items()
     ]
     result = {
+        "device": describe(device),
         "images": N_IMAGES,
         "windows_per_image": positions,
         "max_abs_difference_lumos_vs_captum": max_difference,
@@ -87,7 +91,7 @@ def main() -> None:
     }
     lines = [
         f"Occlusion, zoo `shapes` CNN, {N_IMAGES} images 64×64, window {WINDOW}, stride "
-        f"{STRIDE} ({positions} windows per image); CPU, 2 threads; median of {REPEATS} "
+        f"{STRIDE} ({positions} windows per image); {describe(device)}; median of {REPEATS} "
         f"interleaved runs. Max |lumos − captum| = {max_difference:.1e}.",
         "",
         "| | seconds | lumos ÷ this | ÷ bare forwards |",
@@ -100,9 +104,10 @@ def main() -> None:
         )
     table = "\n".join(lines)
     print(table)
+    name = result_name("occlusion", device)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "occlusion.json").write_text(json.dumps(result, indent=2))
-    (RESULTS / "occlusion.md").write_text(table + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / f"{name}.md").write_text(table + "\n")
 
 
 if __name__ == "__main__":

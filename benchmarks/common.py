@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import statistics
@@ -65,11 +66,48 @@ def resnet18(seed: int = 0) -> ResNet18:
     return ResNet18().eval()
 
 
+def synchronize() -> None:
+    """Wait for queued GPU work, so that a wall-clock time covers it (no-op on the CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(fn: Callable[[], object]) -> tuple[object, float]:
-    """`fn()`'s result and its wall-clock seconds."""
+    """`fn()`'s result and its wall-clock seconds, queued GPU work included."""
+    synchronize()
     start = time.perf_counter()
     result = fn()
+    synchronize()
     return result, time.perf_counter() - start
+
+
+def add_device_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device", default="cpu", help="where the model runs: cpu (2 threads), cuda, cuda:1, mps"
+    )
+
+
+def setup_device(name: str) -> torch.device:
+    """The benchmark's device; on the CPU, 2 threads (the reference machine's cores)."""
+    device = torch.device(name)
+    if device.type == "cpu":
+        torch.set_num_threads(2)
+    elif device.type == "cuda":  # IEEE float32 for every contestant, as on the CPU
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    return device
+
+
+def describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA), torch {torch.__version__}"
+    if device.type == "cpu":
+        return f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    return f"{device.type}, torch {torch.__version__}"
+
+
+def result_name(name: str, device: torch.device) -> str:
+    """`name` for CPU results, `name_cuda` (etc.) for a device's, so neither overwrites."""
+    return name if device.type == "cpu" else f"{name}_{device.type}"
 
 
 def interleaved(candidates: dict[str, Callable[[], object]], repeats: int = 5) -> dict[str, float]:
@@ -79,9 +117,7 @@ def interleaved(candidates: dict[str, Callable[[], object]], repeats: int = 5) -
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(repeats):
         for name, fn in candidates.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(timed(fn)[1])
     return {name: statistics.median(values) for name, values in times.items()}
 
 
