@@ -6,9 +6,11 @@ Three workloads on the zoo's `shapes` model (64×64 RGB, a small residual CNN), 
   * max-sensitivity: 10 uniform perturbations in an L∞ ball of 0.02, each re-explained;
   * model parameter randomisation: cascading, every layer, re-explained after each.
 Each is also divided by the bare forwards (or forward + backward passes) it needs, run as
-plain batched calls. Timings are interleaved in one process (median of `--repeats`).
+plain batched calls. Timings are interleaved in one process (median of `--repeats`), wall-clock
+with queued GPU work synchronized. `--device cuda` runs every contestant's model on the GPU
+(Quantus still takes its batches as NumPy arrays) and writes results/metrics_cuda.{json,md}.
 
-    PYTHONPATH=src python benchmarks/bench_metrics.py [--n 64] [--repeats 3]
+    PYTHONPATH=src python benchmarks/bench_metrics.py [--n 64] [--repeats 3] [--device cuda]
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
+import sys
 import warnings
 from pathlib import Path
 
@@ -27,17 +29,10 @@ import lumos
 import lumos.metrics as M
 from lumos.metrics.randomisation import parameter_layers
 
-RESULTS = Path(__file__).parent / "results"
+sys.path.insert(0, str(Path(__file__).parent))
+from common import add_device_option, describe, result_name, save, setup_device, timed
+
 STEPS, SAMPLES, RADIUS = 32, 10, 0.02
-
-
-def timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def bare_forwards(model, x: torch.Tensor, rows: int, batch_size: int) -> None:
@@ -45,14 +40,16 @@ def bare_forwards(model, x: torch.Tensor, rows: int, batch_size: int) -> None:
     with torch.no_grad():
         for start in range(0, rows, batch_size):
             n = min(batch_size, rows - start)
-            model(x[torch.arange(start, start + n) % len(x)])
+            index = torch.arange(start, start + n, device=x.device) % len(x)
+            model(x[index])
 
 
 def bare_gradients(model, x: torch.Tensor, rows: int, batch_size: int) -> None:
     """`rows` forward + backward rows (what saliency needs), in batches."""
     for start in range(0, rows, batch_size):
         n = min(batch_size, rows - start)
-        xs = x[torch.arange(start, start + n) % len(x)].clone().requires_grad_(True)
+        index = torch.arange(start, start + n, device=x.device) % len(x)
+        xs = x[index].clone().requires_grad_(True)
         torch.autograd.grad(model(xs)[:, 0].sum(), xs)
 
 
@@ -75,12 +72,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    add_device_option(parser)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    device = setup_device(args.device)
     warnings.filterwarnings("ignore")
     bundle = lumos.zoo.load("shapes")
-    model = bundle.model.eval()
+    model = bundle.model.eval().to(device)
     x, y, _ = bundle.test_batch(args.n, seed=0)
+    x, y = x.to(device), y.to(device)
     saliency = lumos.explain(model, x, method="saliency", target=y).attributions
     n_layers = len(parameter_layers(model, x))
     pixels = x.shape[-1] * x.shape[-2]
@@ -91,15 +90,18 @@ def main() -> None:
         quantus = None
 
     def quantus_explain(model, inputs, targets, **kwargs):
-        xs = torch.as_tensor(inputs).requires_grad_(True)
-        out = model(xs)[torch.arange(len(xs)), torch.as_tensor(targets)]
-        return torch.autograd.grad(out.sum(), xs)[0].abs().sum(1, keepdim=True).numpy()
+        """Saliency for Quantus: NumPy batches in and out, the model's work on `device`."""
+        xs = torch.as_tensor(inputs, device=device).requires_grad_(True)
+        rows = torch.arange(len(xs), device=device)
+        out = model(xs)[rows, torch.as_tensor(targets, device=device)]
+        return torch.autograd.grad(out.sum(), xs)[0].abs().sum(1, keepdim=True).cpu().numpy()
 
-    # Quantus takes one relevance per pixel: (B, 1, H, W)
-    xn, yn, an = x.numpy(), y.numpy(), saliency.sum(1, keepdim=True).numpy()
+    # Quantus takes NumPy arrays on the host and one relevance per pixel: (B, 1, H, W)
+    xn, yn = x.cpu().numpy(), y.cpu().numpy()
+    an = saliency.sum(1, keepdim=True).cpu().numpy()
     # what every Quantus metric is called with
     on_batch = {"model": model, "x_batch": xn, "y_batch": yn, "a_batch": an}
-    on_batch |= {"device": "cpu", "batch_size": batch}
+    on_batch |= {"device": str(device), "batch_size": batch}
     workloads = {
         "pixel_flipping": {
             "lumos": lambda: M.pixel_flipping(
@@ -162,7 +164,7 @@ def main() -> None:
         seconds = {k: [] for k in contenders}
         for _ in range(args.repeats):  # interleaved
             for key, fn in contenders.items():
-                seconds[key].append(timed(fn, 1))
+                seconds[key].append(timed(fn)[1])
         median = {k: statistics.median(v) for k, v in seconds.items()}
         row = {"metric": name, "n_images": args.n, "passes": work["passes"]}
         row.update({f"{k} s": round(v, 4) for k, v in median.items()})
@@ -172,19 +174,17 @@ def main() -> None:
                 row[f"{peer} / lumos"] = round(median[peer] / median["lumos"], 1)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    write(rows, args, quantus)
+    write(rows, args, quantus, device)
 
 
-def write(rows, args, quantus) -> None:
-    RESULTS.mkdir(exist_ok=True)
+def write(rows, args, quantus, device: torch.device) -> None:
     meta = {
-        "device": "cpu, 2 threads",
+        "device": describe(device),
         "torch": torch.__version__,
         "quantus": getattr(quantus, "__version__", None),
         "model": "zoo shapes (SmallCNN, 64×64 RGB)",
         "repeats": args.repeats,
     }
-    (RESULTS / "metrics.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     columns = ["metric", "n_images", "passes", "lumos s", "bare s", "lumos / bare"]
     columns += [
         c
@@ -192,15 +192,14 @@ def write(rows, args, quantus) -> None:
         if any(c in r for r in rows)
     ]
     lines = [
-        f"Trust metrics on {args.n} images ({meta['model']}, {meta['device']}, torch "
-        f"{meta['torch']}, Quantus {meta['quantus']}). `x / lumos` > 1: lumos is faster.",
+        f"Trust metrics on {args.n} images ({meta['model']}, {meta['device']}, Quantus "
+        f"{meta['quantus']}). `x / lumos` > 1: lumos is faster.",
         "",
         "| " + " | ".join(columns) + " |",
         "|" + "---|" * len(columns),
     ]
     lines += ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in rows]
-    (RESULTS / "metrics.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save(result_name("metrics", device), {"meta": meta, "rows": rows}, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

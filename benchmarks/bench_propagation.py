@@ -8,15 +8,18 @@ inputs and baselines as one batch of twice the rows, so a gradient of that doubl
 reported too. `lumos` timings include everything
 `lumos.explain` does (input checks, the forward pass for the target, tracing with torch.fx), so
 they are also compared with `lumos.explain(method="saliency")`, which has the same overhead.
-Times are the minimum over interleaved repeats of CPU seconds of this process
+On the CPU, times are the minimum over interleaved repeats of CPU seconds of this process
 (`time.process_time`): the benchmark machine is shared, and wall-clock times there move with
-other people's load (the wall-clock minima are saved in the JSON too).
+other people's load (the wall-clock minima are saved in the JSON too). On a GPU, process time
+does not see the device's work, so times are wall-clock with queued work synchronized, and each
+model also runs on a larger batch so that the GPU has real work.
 
-Run: .venv/bin/python benchmarks/bench_propagation.py
+Run: PYTHONPATH=src .venv/bin/python benchmarks/bench_propagation.py [--device cuda]
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 import warnings
@@ -26,7 +29,16 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import BasicBlock, resnet18, save
+from common import (
+    BasicBlock,
+    add_device_option,
+    describe,
+    resnet18,
+    result_name,
+    save,
+    setup_device,
+    timed,
+)
 
 import lumos
 
@@ -74,24 +86,33 @@ def resnet18_for_captum() -> nn.Module:
     return model.eval()
 
 
-def models():
+def models(device: torch.device):
+    """(label, model, inputs) on `device`; on a GPU also a larger batch for each model."""
     torch.manual_seed(0)
-    yield "plain CNN, 16×3×64×64", PlainCNN().eval(), torch.rand(16, 3, 64, 64)
-    yield "ResNet-18, 2×3×112×112", resnet18_for_captum(), torch.rand(2, 3, 112, 112)
+    plain_cnn, plain_x = PlainCNN().eval(), torch.rand(16, 3, 64, 64)
+    resnet, resnet_x = resnet18_for_captum(), torch.rand(2, 3, 112, 112)
+    batches = [("plain CNN", plain_cnn, plain_x), ("ResNet-18", resnet, resnet_x)]
+    if device.type != "cpu":
+        batches += [
+            ("plain CNN", plain_cnn, torch.rand(256, 3, 64, 64)),
+            ("ResNet-18", resnet, torch.rand(64, 3, 224, 224)),
+        ]
+    for name, model, x in batches:
+        yield f"{name}, {'×'.join(map(str, x.shape))}", model.to(device), x.to(device)
 
 
 def interleaved(candidates: dict, repeats: int = 5) -> tuple[dict, dict]:
-    """Minimum CPU and wall seconds of each candidate, run round-robin after one warm-up each."""
+    """Minimum CPU and wall seconds (queued GPU work included) of each candidate, run
+    round-robin after one warm-up each."""
     for fn in candidates.values():
         fn()
     cpu: dict[str, list[float]] = {name: [] for name in candidates}
     wall: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(repeats):
         for name, fn in candidates.items():
-            start, start_wall = time.process_time(), time.perf_counter()
-            fn()
+            start = time.process_time()
+            wall[name].append(timed(fn)[1])
             cpu[name].append(time.process_time() - start)
-            wall[name].append(time.perf_counter() - start_wall)
     return {k: min(v) for k, v in cpu.items()}, {k: min(v) for k, v in wall.items()}
 
 
@@ -101,7 +122,9 @@ def gradient(model, x, target):
     return torch.autograd.grad(out, rows)[0]
 
 
-def time_one(label: str, model: nn.Module, x: torch.Tensor) -> dict:
+def time_one(label: str, model: nn.Module, x: torch.Tensor, on_cpu: bool) -> dict:
+    """Seconds of every candidate on one batch, and their ratios: CPU seconds on the CPU,
+    wall seconds on a GPU (where process time misses the device's work)."""
     from captum.attr import LRP as CaptumLRP
     from captum.attr import DeepLift as CaptumDeepLift
 
@@ -127,10 +150,13 @@ def time_one(label: str, model: nn.Module, x: torch.Tensor) -> dict:
     except Exception as exc:  # Captum's LRP rejects some layer types
         print(f"{label}: captum LRP failed ({exc}); left out")
         del candidates["captum lrp"]
-    times, wall = interleaved(candidates, repeats=7)
-    print(label, {k: round(v, 3) for k, v in times.items()}, flush=True)
+    cpu, wall = interleaved(candidates, repeats=7)
+    times = cpu if on_cpu else wall
+    print(label, {k: round(v, 5) for k, v in times.items()}, flush=True)
     g, g2 = times["gradient"], times["gradient (2× rows)"]
-    row = {"model": label, "cpu_seconds": times, "wall_seconds": wall}
+    row = {"model": label, "cpu_seconds": cpu, "wall_seconds": wall}
+    if not on_cpu:
+        del row["cpu_seconds"]
     row["lrp_epsilon_over_gradient"] = times["lumos lrp epsilon"] / g
     row["lrp_epsilon_plus_over_gradient"] = times["lumos lrp epsilon_plus"] / g
     row["lrp_epsilon_over_lumos_saliency"] = times["lumos lrp epsilon"] / times["lumos saliency"]
@@ -143,16 +169,23 @@ def time_one(label: str, model: nn.Module, x: torch.Tensor) -> dict:
 
 
 def main() -> None:
-    torch.set_num_threads(2)
-    rows = [time_one(label, model, x) for label, model, x in models()]
+    parser = argparse.ArgumentParser()
+    add_device_option(parser)
+    device = setup_device(parser.parse_args().device)
+    on_cpu = device.type == "cpu"
+    clock, unit, scale = ("cpu_seconds", "CPU s", 1) if on_cpu else ("wall_seconds", "ms", 1e3)
+    rows = [time_one(label, model, x, on_cpu) for label, model, x in models(device)]
+    how = "CPU seconds of this process" if on_cpu else "wall-clock, GPU work synchronized"
     lines = [
-        "| model | gradient CPU s | LRP-ε CPU s | ÷ gradient | ÷ lumos saliency | ÷ Captum LRP "
-        "| LRP ε/z⁺ ÷ gradient | DeepLIFT CPU s | ÷ gradient | ÷ gradient of 2× rows "
+        f"Propagation methods on {describe(device)}; minimum of 7 interleaved repeats, {how}.",
+        "",
+        f"| model | gradient {unit} | LRP-ε {unit} | ÷ gradient | ÷ lumos saliency | ÷ Captum LRP "
+        f"| LRP ε/z⁺ ÷ gradient | DeepLIFT {unit} | ÷ gradient | ÷ gradient of 2× rows "
         "| ÷ Captum DeepLift |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        t = r["cpu_seconds"]
+        t = {name: seconds * scale for name, seconds in r[clock].items()}
         captum_lrp = r.get("lrp_epsilon_over_captum")
         lines.append(
             f"| {r['model']} | {t['gradient']:.3f} | {t['lumos lrp epsilon']:.3f} "
@@ -163,7 +196,9 @@ def main() -> None:
             f"| {r['deeplift_over_captum']:.2f} |"
         )
     table = "\n".join(lines) + "\n"
-    save("propagation", {"rows": rows, "threads": 2, "clock": "process_time"}, table)
+    data = {"rows": rows, "device": describe(device), "threads": torch.get_num_threads()}
+    data["clock"] = "process_time" if on_cpu else "perf_counter, GPU synchronized"
+    save(result_name("propagation", device), data, table)
 
 
 if __name__ == "__main__":
