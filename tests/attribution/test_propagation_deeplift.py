@@ -169,6 +169,59 @@ def test_deeplift_sums_to_delta_where_relu_feeds_max_pooling():
     assert exp.delta.abs().max() < 1e-10
 
 
+class Pools(nn.Module):
+    """Every standard max pooling the indexed rule handles: overlapping windows with padding,
+    ceil mode on an odd size, adaptive, functional, 1-d and 3-d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.overlap = nn.MaxPool2d(3, stride=2, padding=1)
+        self.adaptive = nn.AdaptiveMaxPool2d(3)
+        self.pool3d = nn.MaxPool3d((1, 2, 2), ceil_mode=True)
+        self.fc = nn.Linear(4 * 9 + 4 * 3 + 4 * 2 * 2, 3)
+
+    def forward(self, x):
+        h = F.relu(self.conv(x))  # (N, 4, 15, 15)
+        a = self.overlap(h)  # (N, 4, 8, 8)
+        b = F.max_pool2d(a, 2, 2, 0, 1, True)  # ceil mode: (N, 4, 4, 4)
+        c = self.adaptive(a).flatten(1)  # (N, 36)
+        d = F.max_pool1d(b.flatten(2), kernel_size=6, stride=5)  # (N, 4, 3)
+        e = self.pool3d(b.unsqueeze(2)).flatten(1)  # (N, 4·1·2·2)
+        return self.fc(torch.cat([c, d.flatten(1), e], 1))
+
+
+@pytest.mark.parametrize("baselines", ["zeros", "per example", "background"])
+def test_the_indexed_max_pool_rule_equals_the_general_one(baselines, monkeypatch):
+    """Standard pooling layers route DeepLIFT's max-pool rule by the winners' indices of the
+    input and the reference; the general rule (differentiating the pooling twice) must agree."""
+    from lumos.attribution.propagation import deeplift as module
+    from lumos.attribution.propagation import graph
+
+    torch.manual_seed(0)
+    model = Pools().double().eval()
+    x = torch.rand(3, 3, 15, 15, dtype=torch.float64)
+    x[0, :, :4, :4] = 0.0  # ties between input and reference (Δx = 0 at some winners)
+    method = "deeplift_shap" if baselines == "background" else "deeplift"
+    refs = {
+        "zeros": None,
+        "per example": torch.rand(3, 3, 15, 15, dtype=torch.float64),
+        "background": torch.rand(4, 3, 15, 15, dtype=torch.float64),
+    }[baselines]
+    calls = []
+    apply = module._IndexedMaxPoolRescale.apply
+    monkeypatch.setattr(
+        module._IndexedMaxPoolRescale, "apply", lambda *a: calls.append(1) or apply(*a)
+    )
+    indexed = lumos.explain(model, x, method=method, target=[0, 1, 2], baselines=refs)
+    assert len(calls) == 5  # every pooling took the indexed rule
+    monkeypatch.setattr(graph, "_pool_with_indices", lambda *a: None)
+    general = lumos.explain(model, x, method=method, target=[0, 1, 2], baselines=refs)
+    assert len(calls) == 5
+    torch.testing.assert_close(indexed.attributions, general.attributions, rtol=1e-12, atol=1e-14)
+    assert indexed.delta.abs().max() < 1e-10
+
+
 class Functional(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -226,6 +226,28 @@ def test_a_train_mode_model_gets_its_batchnorm_statistics_back_and_a_warning():
     assert model.training
 
 
+class CountingModel(torch.nn.Module):
+    """An eval-mode model that writes to its own buffer on every call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 3)
+        self.register_buffer("calls", torch.zeros(()))
+        self.register_buffer("last", torch.zeros(4))
+
+    def forward(self, x):
+        self.calls += 1
+        self.last.copy_(x[0].detach())
+        return self.linear(x)
+
+
+def test_buffers_an_eval_mode_model_writes_to_are_restored():
+    model = CountingModel().eval()
+    for method in ("saliency", "integrated_gradients", "occlusion"):
+        lumos.explain(model, torch.rand(2, 4), method=method, target=0)
+        assert model.calls == 0 and torch.equal(model.last, torch.zeros(4)), method
+
+
 @pytest.mark.parametrize(
     "forward, message",
     [

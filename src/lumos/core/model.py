@@ -79,9 +79,14 @@ class ModelState:
         self.modules = list(model.modules())
         self.training = [m.training for m in self.modules]
         self.hook_keys = [
-            {attr: set(getattr(m, attr, {}) or {}) for attr in _HOOK_DICTS} for m in self.modules
+            {attr: set(hooks) for attr in _HOOK_DICTS if (hooks := m.__dict__.get(attr))}
+            for m in self.modules
         ]
-        self.buffers = [(b, b.detach().clone()) for b in model.buffers()]
+        # buffers changed in place bump their version counters, which are compared without a
+        # device synchronisation; BatchNorm's kernel updates its statistics without a bump, so
+        # with any module in train mode the values are compared
+        self.buffers = [(b, b._version, b.detach().clone()) for b in model.buffers()]
+        self.compare_values = any(self.training)
         self.params = list(model.parameters())
         self.requires_grad = [p.requires_grad for p in self.params]
         self.grads = [p.grad for p in self.params]
@@ -91,15 +96,18 @@ class ModelState:
         """Remove hooks added since the snapshot and restore modes, flags and `.grad` fields."""
         for module, training, keys in zip(self.modules, self.training, self.hook_keys):
             module.training = training
-            for attr, before in keys.items():
-                current = getattr(module, attr, None)
+            for attr in _HOOK_DICTS:
+                current = module.__dict__.get(attr)
                 if current:
+                    before = keys.get(attr, ())
                     for key in [k for k in current if k not in before]:
                         del current[key]
         with torch.no_grad():
-            for buffer, saved in self.buffers:
-                if not torch.equal(buffer, saved):
-                    buffer.copy_(saved)  # BatchNorm statistics of a train-mode model
+            for buffer, version, saved in self.buffers:
+                if buffer._version != version or (
+                    self.compare_values and not torch.equal(buffer, saved)
+                ):
+                    buffer.copy_(saved)
         for p, flag, grad in zip(self.params, self.requires_grad, self.grads):
             if p.requires_grad != flag:
                 p.requires_grad_(flag)

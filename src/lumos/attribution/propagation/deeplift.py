@@ -46,11 +46,11 @@ class _Rescale(torch.autograd.Function):
         with torch.no_grad():
             y = fn(x)
             dx = x - x_ref
-            small = dx.abs() < EPS
             multiplier = (y - y_ref).div_(dx)  # where Δx ≈ 0 replaced below
-        if bool(small.any()):
+            size = dx.abs_()  # (a minimum over floats is far cheaper than a boolean mask)
+        if bool(size.amin() < EPS):
             slope = _vjp(fn, x, torch.ones_like(x))
-            multiplier = torch.where(small, slope, multiplier, out=multiplier)
+            multiplier = torch.where(size < EPS, slope, multiplier, out=multiplier)
         ctx.save_for_backward(multiplier)
         return y
 
@@ -98,6 +98,40 @@ class _MaxPoolRescale(torch.autograd.Function):
         return result, None, None, None  # (the pooling graph lives as long as ctx)
 
 
+class _IndexedMaxPoolRescale(torch.autograd.Function):
+    """The max-pool rule of `_MaxPoolRescale` for standard pooling layers, from the winners'
+    indices of the input and of the reference (recorded in the references' pass): every output
+    position j sends ``g_j (max(y_j, y'_j) − y'_j) / Δx_i`` to the input's winner i and
+    ``g_j (y_j − max(y_j, y'_j)) / Δx_i'`` to the reference's winner i' (the plain gradient
+    ``g_j`` to i, and nothing to i', where that position's ``|Δx| < EPS``). All arithmetic is
+    at the pooled size; the input-sized work is one scatter."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, pool: Callable, x_ref: Tensor, y_ref: Tensor, i_ref: Tensor):
+        with torch.no_grad():
+            y, i = pool(x)
+        ctx.mark_non_differentiable(i)
+        ctx.save_for_backward(x, y, i, x_ref, y_ref, i_ref)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, y, i, x_ref, y_ref, i_ref = ctx.saved_tensors
+        n, c = x.shape[:2]
+        flat = (n, c, -1)
+        x_f, y_f, i_f, g = x.reshape(flat), y.reshape(flat), i.reshape(flat), grad.reshape(flat)
+        xr_f = x_ref.reshape(x_ref.shape[0], c, -1).expand_as(x_f)
+        yr_f = y_ref.reshape(y_ref.shape[0], c, -1).expand_as(y_f)
+        ir_f = i_ref.reshape(i_ref.shape[0], c, -1).expand_as(i_f)
+        top = torch.maximum(y_f, yr_f)
+        dx_won = y_f - xr_f.gather(2, i_f)  # Δx at the input's winners (y is x there)
+        dx_ref = x_f.gather(2, ir_f) - yr_f  # Δx at the reference's winners
+        won = torch.where(dx_won.abs() < EPS, g, g * (top - yr_f) / dx_won)
+        lost = torch.where(dx_ref.abs() < EPS, 0.0, g * (y_f - top) / dx_ref)
+        result = torch.zeros_like(x_f).scatter_add_(2, i_f, won).scatter_add_(2, ir_f, lost)
+        return result.view_as(x), None, None, None, None
+
+
 def _vjp(fn: Callable, x: Tensor, grad: Tensor) -> Tensor:
     with torch.enable_grad():
         leaf = x.detach().requires_grad_(True)
@@ -112,12 +146,19 @@ class _RecordReferences(Strategy):
     def __init__(self) -> None:
         self.records: dict[Any, list[tuple[Tensor, Tensor]]] = {}
 
-    def _record(self, step: Step, fn: Callable, x: Tensor) -> Tensor:
+    def activation(self, step: Step, fn: Callable, x: Tensor) -> Tensor:
         y = fn(x)
         self.records.setdefault(step.node, []).append((x, y))
         return y
 
-    activation = max_pool = _record
+    def max_pool(self, step: Step, fn: Callable, x: Tensor) -> Tensor:
+        """Also the winners' indices, where the pooling is a standard one."""
+        indexed = getattr(fn, "with_indices", None)
+        if indexed is None:
+            return self.activation(step, fn, x)
+        y, indices = indexed(x)
+        self.records.setdefault(step.node, []).append((x, y, indices))
+        return y
 
     def joined(self) -> dict[Any, tuple[Tensor, Tensor]]:
         return {
@@ -136,8 +177,9 @@ class RescaleStrategy(Strategy):
         self.index: Tensor | None = None  # reference row of each input row; None: shared row
         self.rows = 0  # input rows of the current pass
 
-    def _paired(self, step: Step, x: Tensor) -> tuple[Tensor, Tensor]:
-        x_ref, y_ref = self.references[step.node]
+    def _paired(self, step: Step, x: Tensor) -> tuple[Tensor, ...]:
+        recorded = self.references[step.node]
+        x_ref = recorded[0]
         if x.dim() == 0 or x.shape[0] != self.rows or x.shape[1:] != x_ref.shape[1:]:
             raise UnsupportedModelError(
                 f"DeepLIFT pairs every row with its reference row along the batch dimension, "
@@ -147,8 +189,8 @@ class RescaleStrategy(Strategy):
                 "'integrated_gradients'."
             )
         if self.index is None:
-            return x_ref, y_ref
-        return x_ref[self.index], y_ref[self.index]
+            return recorded
+        return tuple(r[self.index] for r in recorded)
 
     def activation(self, step: Step, fn: Callable, x: Tensor) -> Tensor:
         return _Rescale.apply(x, fn, *self._paired(step, x)) if x.requires_grad else fn(x)
@@ -156,7 +198,11 @@ class RescaleStrategy(Strategy):
     def max_pool(self, step: Step, fn: Callable, x: Tensor) -> Tensor:
         if not x.requires_grad:
             return fn(x)
-        return _MaxPoolRescale.apply(x, fn, *self._paired(step, x))
+        paired = self._paired(step, x)
+        indexed = getattr(fn, "with_indices", None)
+        if indexed is not None and len(paired) == 3:
+            return _IndexedMaxPoolRescale.apply(x, indexed, *paired)
+        return _MaxPoolRescale.apply(x, fn, *paired[:2])
 
 
 class _RevealCancel(torch.autograd.Function):

@@ -450,6 +450,8 @@ class Graph:
             position = self._carrying_position(node, args)
             x = args[position]
             fn = _with_input(node, self.module, args, kwargs, position)
+            if kind == "max_pool":
+                fn.with_indices = _pool_with_indices(step, x, args, kwargs, position)
             handler = {
                 "activation": strategy.activation,
                 "max_pool": strategy.max_pool,
@@ -508,6 +510,55 @@ def _with_input(node: fx.Node, root: nn.Module, args: tuple, kwargs: dict, posit
         return _call(node, root, new_args, kwargs)
 
     return fn
+
+
+_POOLS_WITH_INDICES: dict[Any, tuple[Callable, int, int]] = {
+    # pooling → (its function, spatial dims, position of `return_indices` after the input)
+    nn.MaxPool1d: (F.max_pool1d, 1, 5), nn.MaxPool2d: (F.max_pool2d, 2, 5),
+    nn.MaxPool3d: (F.max_pool3d, 3, 5), nn.AdaptiveMaxPool1d: (F.adaptive_max_pool1d, 1, 1),
+    nn.AdaptiveMaxPool2d: (F.adaptive_max_pool2d, 2, 1),
+    nn.AdaptiveMaxPool3d: (F.adaptive_max_pool3d, 3, 1),
+}  # fmt: skip
+_POOLS_WITH_INDICES.update({v[0]: v for v in list(_POOLS_WITH_INDICES.values())})
+
+
+def _pool_with_indices(
+    step: Step, x: Tensor, args: tuple, kwargs: dict, position: int
+) -> Callable[[Tensor], tuple[Tensor, Tensor]] | None:
+    """``x ↦ (y, indices)`` for a standard max pooling of a batched (N, C, *spatial) input —
+    the indices flat over the spatial dims, as torch returns them — or None (other layouts,
+    input-dependent options, or a pooling that already returns its indices)."""
+    module = step.module
+    if module is not None:
+        spec = _POOLS_WITH_INDICES.get(type(module))
+        if spec is None or getattr(module, "return_indices", False):
+            return None
+        fn, dims, _ = spec
+        kwargs = {}
+        if module.__class__.__name__.startswith("Adaptive"):
+            options: tuple = (module.output_size,)
+        else:
+            options = (
+                module.kernel_size, module.stride, module.padding, module.dilation,
+                module.ceil_mode,
+            )  # fmt: skip
+    else:
+        spec = _POOLS_WITH_INDICES.get(step.node.target)
+        if spec is None or position != 0 or step.node.op != "call_function":
+            return None
+        fn, dims, at = spec
+        options, kwargs = tuple(args[1:]), dict(kwargs)
+        if len(options) > at:
+            if options[at]:
+                return None
+            options = options[:at]
+        if kwargs.pop("return_indices", False):
+            return None
+        if any(isinstance(v, Tensor) for v in (*options, *kwargs.values())):
+            return None
+    if x.dim() != dims + 2:
+        return None
+    return lambda t: fn(t, *options, **kwargs, return_indices=True)
 
 
 def _functional_layer(target: Any, args: tuple, kwargs: dict) -> Layer:
