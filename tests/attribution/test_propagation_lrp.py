@@ -494,3 +494,42 @@ def test_batchnorm_over_positions_of_a_linear_is_refused_where_weights_would_mer
     torch.testing.assert_close(exp.outputs, model(x).detach())
     with pytest.raises(lumos.LumosError, match="dim 1 of a Linear"):
         lrp(model, x, 1, composite={nn.Linear: ZPlus()})
+
+
+class Switch(nn.Module):
+    """A model whose forward branches on a plain attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.skip = False
+        self.hidden, self.out = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        if not self.skip:
+            x = F.relu(self.hidden(x))
+        return self.out(x)
+
+
+def test_the_trace_is_reused_until_the_model_changes():
+    from lumos.attribution.propagation.graph import traced
+
+    torch.manual_seed(0)
+    model = Switch().double().eval()
+    x = torch.rand(3, 4, dtype=torch.float64)
+    assert traced(model) is traced(model)  # nothing changed: one trace
+
+    def check():
+        for method in ("lrp", "deeplift"):
+            exp = lumos.explain(model, x, method=method, target=0)
+            torch.testing.assert_close(exp.outputs, model(x).detach())
+
+    check()
+    model.skip = True  # a flag that steers forward's branches
+    check()
+    model.out = nn.Linear(4, 3).double()  # a replaced submodule
+    check()
+    model.out.weight = nn.Parameter(torch.rand(3, 4, dtype=torch.float64))  # a new parameter
+    check()
+    with torch.no_grad():
+        model.out.bias.mul_(3)  # weights changed in place are seen through the same trace
+    check()

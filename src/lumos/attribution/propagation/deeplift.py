@@ -39,25 +39,48 @@ EPS = 1e-10  # |Δx| below which the multiplier is the derivative (Captum's thre
 
 class _Rescale(torch.autograd.Function):
     """Elementwise ``y = f(x)``; backward multiplies by ``(y − y')/(x − x')`` against the
-    reference values ``x', y'`` (the derivative at x where ``|x − x'| < EPS``)."""
+    reference values ``x', y'`` (the derivative at x where ``|x − x'| < EPS``; on the CPU only
+    where Δy/Δx is not finite, see `forward`)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, fn: Callable, x_ref: Tensor, y_ref: Tensor) -> Tensor:
+    def forward(
+        ctx, x: Tensor, fn: Callable, x_ref: Tensor, y_ref: Tensor, scratch: Scratch
+    ) -> Tensor:
         with torch.no_grad():
             y = fn(x)
-            dx = x - x_ref
-            multiplier = (y - y_ref).div_(dx)  # where Δx ≈ 0 replaced below
-            size = dx.abs_()  # (a minimum over floats is far cheaper than a boolean mask)
-        if bool(size.amin() < EPS):
+            dx = torch.sub(x, x_ref, out=scratch.like(x))
+            multiplier = (y - y_ref).div_(dx)
+        # where |Δx| < EPS the derivative replaces Δy/Δx. On the CPU (where boolean masks are
+        # slow) only where Δy/Δx is not finite (Δx = 0): elsewhere in that band Δy/Δx is
+        # already the derivative for piecewise-linear functions (ReLU), and within rounding
+        # for smooth ones; the sum is one read of memory. On accelerators always, with no
+        # read-back to stall the queue.
+        if x.device.type != "cpu" or not bool(torch.isfinite(multiplier.sum())):
             slope = _vjp(fn, x, torch.ones_like(x))
-            multiplier = torch.where(size < EPS, slope, multiplier, out=multiplier)
+            small = dx.abs_() < EPS
+            multiplier = torch.where(small, slope, multiplier, out=multiplier)
         ctx.save_for_backward(multiplier)
         return y
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (multiplier,) = ctx.saved_tensors
-        return grad * multiplier, None, None, None
+        return grad * multiplier, None, None, None, None
+
+
+class Scratch:
+    """One reusable buffer for a pass's temporary tensors: on the CPU every fresh large tensor
+    costs its page faults, often more than the arithmetic written into it."""
+
+    def __init__(self) -> None:
+        self.buffer: Tensor | None = None
+
+    def like(self, x: Tensor) -> Tensor:
+        """An uninitialised tensor of x's shape, dtype and device (valid until the next call)."""
+        b = self.buffer
+        if b is None or b.numel() < x.numel() or b.dtype != x.dtype or b.device != x.device:
+            b = self.buffer = torch.empty(x.numel(), dtype=x.dtype, device=x.device)
+        return b[: x.numel()].view(x.shape)
 
 
 class _MaxPoolRescale(torch.autograd.Function):
@@ -126,10 +149,20 @@ class _IndexedMaxPoolRescale(torch.autograd.Function):
         top = torch.maximum(y_f, yr_f)
         dx_won = y_f - xr_f.gather(2, i_f)  # Δx at the input's winners (y is x there)
         dx_ref = x_f.gather(2, ir_f) - yr_f  # Δx at the reference's winners
-        won = torch.where(dx_won.abs() < EPS, g, g * (top - yr_f) / dx_won)
-        lost = torch.where(dx_ref.abs() < EPS, 0.0, g * (y_f - top) / dx_ref)
+        # won = g (top − y')/Δx, or g where |Δx| < EPS; lost = g (y − top)/Δx, or 0 there —
+        # in float arithmetic (boolean masks and `where` are slow on the CPU): s = 1 where
+        # |Δx| < EPS, else 0, and Δx + s never vanishes
+        small = _below_eps(dx_won)
+        won = (top - yr_f).mul_(1 - small).div_(dx_won.add_(small)).add_(small).mul_(g)
+        small = _below_eps(dx_ref)
+        lost = (y_f - top).mul_(1 - small).div_(dx_ref.add_(small)).mul_(g)
         result = torch.zeros_like(x_f).scatter_add_(2, i_f, won).scatter_add_(2, ir_f, lost)
         return result.view_as(x), None, None, None, None
+
+
+def _below_eps(t: Tensor) -> Tensor:
+    """1.0 where ``|t| < EPS``, else 0.0 (t's dtype)."""
+    return t.abs().neg_().add_(EPS).sign_().clamp_(min=0)
 
 
 def _vjp(fn: Callable, x: Tensor, grad: Tensor) -> Tensor:
@@ -176,6 +209,7 @@ class RescaleStrategy(Strategy):
         self.references = references
         self.index: Tensor | None = None  # reference row of each input row; None: shared row
         self.rows = 0  # input rows of the current pass
+        self.scratch = Scratch()
 
     def _paired(self, step: Step, x: Tensor) -> tuple[Tensor, ...]:
         recorded = self.references[step.node]
@@ -193,7 +227,9 @@ class RescaleStrategy(Strategy):
         return tuple(r[self.index] for r in recorded)
 
     def activation(self, step: Step, fn: Callable, x: Tensor) -> Tensor:
-        return _Rescale.apply(x, fn, *self._paired(step, x)) if x.requires_grad else fn(x)
+        if not x.requires_grad:
+            return fn(x)
+        return _Rescale.apply(x, fn, *self._paired(step, x), self.scratch)
 
     def max_pool(self, step: Step, fn: Callable, x: Tensor) -> Tensor:
         if not x.requires_grad:
@@ -436,7 +472,7 @@ class DeepLift(_DeepLiftBase):
 
     Shrikumar, Greenside & Kundaje (2017), "Learning Important Features Through Propagating
     Activation Differences". Every nonlinearity passes back ``m = Δy/Δx`` (its derivative where
-    ``|Δx| < 1e-10``), linear layers their weights; ``attr = (x − x') ⊙ m``. Max pooling uses
+    Δx vanishes), linear layers their weights; ``attr = (x − x') ⊙ m``. Max pooling uses
     the max-pool rule; functional ReLUs, residual adds and reused modules are handled (the model
     is traced with torch.fx). Summation-to-delta: ``Σ attr = f_c(x) − f_c(x')``; `delta` is the
     error.
