@@ -179,8 +179,9 @@ class Layer:
         rule without bias asks."""
         z = self.fn(x, self.raw, None if shift is None else self.raw_bias)
         shape = (1, -1) + (1,) * (z.dim() - 2)
-        z = z * self.scale.view(shape)
-        return z if shift is None else z + shift.view(shape)
+        if shift is None:
+            return z * self.scale.view(shape)
+        return torch.addcmul(shift.view(shape), z, self.scale.view(shape))  # one pass
 
     def __call__(self, x: Tensor) -> Tensor:
         if self.scale is not None:
