@@ -12,6 +12,7 @@ import torch
 from lumos.attribution.blackbox import (
     as_tensor_model,
     make_players,
+    masked_rows,
 )
 from lumos.core.batching import check_batch_size, check_count, chunks, rows_per_call
 from lumos.core.errors import InputError, unknown_name
@@ -101,11 +102,7 @@ def permutation_importance(
         rep, player, e = r // (m * n), (r // n) % m, r % n
         source = perms[rep, player, e]
         on = players.on_elements(torch.nn.functional.one_hot(player, m).bool(), e)
-        return [
-            # (`on` may be a transposed view: keep the rows in the model's usual layout)
-            torch.where(mask.view(-1, *x.shape[1:]), x[source], x[e]).contiguous()
-            for x, mask in zip(xs, on)
-        ]
+        return [masked_rows(mask, x[source], x[e]) for x, mask in zip(xs, on)]
 
     with preserved(model), torch.no_grad():
         clean = output_tensor(call_model(model, xs, structure))
