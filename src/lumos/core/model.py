@@ -95,7 +95,8 @@ class ModelState:
     def restore(self) -> None:
         """Remove hooks added since the snapshot and restore modes, flags and `.grad` fields."""
         for module, training, keys in zip(self.modules, self.training, self.hook_keys):
-            module.training = training
+            if module.training != training:
+                module.training = training
             for attr in _HOOK_DICTS:
                 current = module.__dict__.get(attr)
                 if current:

@@ -3,6 +3,7 @@ reachable by name from `lumos.explain`, the CLI, the report and the test suite."
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,8 +38,14 @@ def register(name: str, *, family: str, needs: set[str] | frozenset[str] = froze
     return decorate
 
 
+_LOADED: list[bool] = []
+
+
 def _load_all() -> None:
-    """Import every method module so that its `@register` decorators run."""
+    """Import every method module so that its `@register` decorators run (once: walking the
+    package costs directory listings)."""
+    if _LOADED:
+        return
     import importlib
     import pkgutil
 
@@ -46,10 +53,13 @@ def _load_all() -> None:
 
     for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
         importlib.import_module(info.name)
+    _LOADED.append(True)
 
 
 def get_method(name: str) -> type:
     """The registered class for `name`, or an `UnknownNameError` with the closest names."""
+    if isinstance(name, str) and name in _REGISTRY:
+        return _REGISTRY[name]
     _load_all()
     if not isinstance(name, str) or name not in _REGISTRY:
         raise unknown_name("method", str(name), _REGISTRY)
@@ -73,6 +83,13 @@ class MethodInfo:
 
 def method_options(cls: type) -> tuple[dict[str, Any], dict[str, Any]]:
     """Keyword options of the constructor and of `explain`, with their defaults."""
+    init, call = _signature_options(cls, cls.__init__, cls.explain)
+    return dict(init), dict(call)
+
+
+@functools.lru_cache(maxsize=256)
+def _signature_options(cls: type, init: Any, explain: Any) -> tuple[dict, dict]:
+    """`method_options`, read once per class and pair of functions (signatures are slow)."""
 
     def keywords(fn, skip: set[str]) -> dict[str, Any]:
         params = inspect.signature(fn).parameters.values()
@@ -82,9 +99,7 @@ def method_options(cls: type) -> tuple[dict[str, Any], dict[str, Any]]:
             if p.name not in skip and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
         }
 
-    return keywords(cls.__init__, {"self", "model"}), keywords(
-        cls.explain, {"self", "inputs", "target"}
-    )
+    return keywords(init, {"self", "model"}), keywords(explain, {"self", "inputs", "target"})
 
 
 class MethodTable(list):
