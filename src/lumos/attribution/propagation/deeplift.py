@@ -39,8 +39,8 @@ EPS = 1e-10  # |Δx| below which the multiplier is the derivative (Captum's thre
 
 class _Rescale(torch.autograd.Function):
     """Elementwise ``y = f(x)``; backward multiplies by ``(y − y')/(x − x')`` against the
-    reference values ``x', y'`` (the derivative at x where ``|x − x'| < EPS``; on the CPU only
-    where Δy/Δx is not finite, see `forward`)."""
+    reference values ``x', y'`` (the derivative at x where ``|x − x'| < EPS`` when some Δy/Δx
+    is not finite, see `forward`)."""
 
     @staticmethod
     def forward(
@@ -50,12 +50,12 @@ class _Rescale(torch.autograd.Function):
             y = fn(x)
             dx = torch.sub(x, x_ref, out=scratch.like(x))
             multiplier = (y - y_ref).div_(dx)
-        # where |Δx| < EPS the derivative replaces Δy/Δx. On the CPU (where boolean masks are
-        # slow) only where Δy/Δx is not finite (Δx = 0): elsewhere in that band Δy/Δx is
-        # already the derivative for piecewise-linear functions (ReLU), and within rounding
-        # for smooth ones; the sum is one read of memory. On accelerators always, with no
-        # read-back to stall the queue.
-        if x.device.type != "cpu" or not bool(torch.isfinite(multiplier.sum())):
+        # the derivative replaces Δy/Δx where |Δx| < EPS, but only when some Δy/Δx is not
+        # finite (Δx = 0): elsewhere in that band Δy/Δx already is the derivative for
+        # piecewise-linear functions (ReLU) and is within rounding of it for smooth ones. The
+        # check is one read of memory; the masks, a second pass of the function and `where`
+        # cost several (and `where` is slow on the CPU)
+        if not bool(torch.isfinite(multiplier.sum())):
             slope = _vjp(fn, x, torch.ones_like(x))
             small = dx.abs_() < EPS
             multiplier = torch.where(small, slope, multiplier, out=multiplier)
