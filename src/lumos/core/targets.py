@@ -51,6 +51,16 @@ class Target:
         self.fn = fn
         self._fn_takes_index = fn is not None and _n_positional(fn) >= 2
         self._example_map = example_map
+        self._on_device: dict[torch.device, torch.Tensor] = {}
+
+    def _indices_on(self, device: torch.device) -> torch.Tensor:
+        """`indices` on `device`, copied once: a copy from host memory waits for the queue,
+        which would stall every chunk of a method's model calls."""
+        if self.indices.device == device:
+            return self.indices
+        if device not in self._on_device:
+            self._on_device[device] = self.indices.to(device)
+        return self._on_device[device]
 
     @property
     def is_callable(self) -> bool:
@@ -70,7 +80,7 @@ class Target:
         out = check_batch(output_tensor(output), len(example_index))
         if self.indices is None:
             return out.reshape(out.shape[0], -1)[:, 0] if out.dim() > 1 else out
-        idx = self.indices.to(out.device)[example_index.to(out.device)]
+        idx = self._indices_on(out.device)[example_index.to(out.device)]
         return out.gather(1, idx.unsqueeze(1)).squeeze(1)
 
     def expand(self, example_index: torch.Tensor) -> Target:
