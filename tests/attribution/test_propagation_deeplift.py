@@ -222,6 +222,29 @@ def test_the_indexed_max_pool_rule_equals_the_general_one(baselines, monkeypatch
     assert indexed.delta.abs().max() < 1e-10
 
 
+@pytest.mark.parametrize("activation", [nn.Sigmoid, nn.Tanh, nn.ELU])
+def test_a_vanishing_difference_takes_the_derivative_whatever_the_batch(activation):
+    """Where |Δx| < 1e-10, Δy/Δx is rounding noise: the derivative replaces it (as in Captum),
+    for each element on its own, whatever else is in the batch."""
+    from captum.attr import DeepLift as CaptumDeepLift
+
+    first = nn.Linear(2, 1).double()
+    last = nn.Linear(1, 1).double()
+    with torch.no_grad():
+        first.weight.copy_(torch.tensor([[1.0, -1.0]]))
+        first.bias.fill_(1.0)
+        last.weight.fill_(1000.0)
+        last.bias.zero_()
+    model = nn.Sequential(first, activation(), last).eval()
+    tiny = torch.tensor([[0.5 + 2**-52, 0.5]], dtype=torch.float64)  # Δz = 2.2e-16
+    exact = torch.tensor([[0.5, 0.5]], dtype=torch.float64)  # Δz = 0
+    expected = CaptumDeepLift(model).attribute(tiny, torch.zeros_like(tiny), target=0)
+    alone = deeplift(model, tiny, 0).attributions
+    batched = deeplift(model, torch.cat([tiny, exact]), 0).attributions[:1]
+    torch.testing.assert_close(alone, expected.detach(), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(batched, alone, rtol=1e-12, atol=1e-12)
+
+
 class Functional(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -496,27 +496,32 @@ def test_batchnorm_over_positions_of_a_linear_is_refused_where_weights_would_mer
         lrp(model, x, 1, composite={nn.Linear: ZPlus()})
 
 
-class Switch(nn.Module):
-    """A model whose forward branches on a plain attribute."""
+class Stateful(nn.Module):
+    """A model whose forward reads state that a trace bakes in: a plain flag, a private flag, a
+    tensor attribute, a list and a global."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.skip = False
+        self.skip, self._double = False, False
+        self.shift, self.scales = torch.zeros(4, dtype=torch.float64), [1.0]
         self.hidden, self.out = nn.Linear(4, 4), nn.Linear(4, 3)
 
     def forward(self, x):
+        x = (x - self.shift) * self.scales[0] * (2.0 if self._double else 1.0) * GLOBAL_GAIN[0]
         if not self.skip:
             x = F.relu(self.hidden(x))
         return self.out(x)
 
 
-def test_the_trace_is_reused_until_the_model_changes():
-    from lumos.attribution.propagation.graph import traced
+GLOBAL_GAIN = [1.0]
 
+
+def test_every_call_sees_the_model_as_it_is_now():
+    """The model is traced on every call: whatever its forward reads (attributes of any type, a
+    global) is read afresh, so outputs and relevances never come from a stale trace."""
     torch.manual_seed(0)
-    model = Switch().double().eval()
+    model = Stateful().double().eval()
     x = torch.rand(3, 4, dtype=torch.float64)
-    assert traced(model) is traced(model)  # nothing changed: one trace
 
     def check():
         for method in ("lrp", "deeplift"):
@@ -524,12 +529,14 @@ def test_the_trace_is_reused_until_the_model_changes():
             torch.testing.assert_close(exp.outputs, model(x).detach())
 
     check()
-    model.skip = True  # a flag that steers forward's branches
-    check()
-    model.out = nn.Linear(4, 3).double()  # a replaced submodule
-    check()
-    model.out.weight = nn.Parameter(torch.rand(3, 4, dtype=torch.float64))  # a new parameter
-    check()
-    with torch.no_grad():
-        model.out.bias.mul_(3)  # weights changed in place are seen through the same trace
-    check()
+    for change in (
+        lambda: setattr(model, "skip", True),
+        lambda: setattr(model, "_double", True),
+        lambda: setattr(model, "shift", torch.ones(4, dtype=torch.float64)),
+        lambda: model.scales.__setitem__(0, 3.0),
+        lambda: GLOBAL_GAIN.__setitem__(0, 0.5),
+        lambda: setattr(model, "out", nn.Linear(4, 3).double()),
+    ):
+        change()
+        check()
+    GLOBAL_GAIN[0] = 1.0

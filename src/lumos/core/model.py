@@ -82,15 +82,29 @@ class ModelState:
             {attr: set(hooks) for attr in _HOOK_DICTS if (hooks := m.__dict__.get(attr))}
             for m in self.modules
         ]
-        # buffers changed in place bump their version counters, which are compared without a
-        # device synchronisation; BatchNorm's kernel updates its statistics without a bump, so
-        # with any module in train mode the values are compared
-        self.buffers = [(b, b._version, b.detach().clone()) for b in model.buffers()]
-        self.compare_values = any(self.training)
+        # buffers are compared by value: fused kernels (BatchNorm, quantization observers)
+        # update them in place without bumping their version counters, also in eval mode
+        self.buffers = [(b, b.detach().clone()) for b in model.buffers()]
         self.params = list(model.parameters())
         self.requires_grad = [p.requires_grad for p in self.params]
         self.grads = [p.grad for p in self.params]
         self.grad_versions = [None if p.grad is None else p.grad._version for p in self.params]
+
+    def _changed_buffers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The buffers whose values differ from the snapshot, read back from the device once
+        (a `torch.equal` per buffer would wait for the device every time)."""
+        if not self.buffers:
+            return []
+        device = self.buffers[0][0].device
+        flags = torch.stack(
+            [
+                (b != s).any().to(device)
+                if b.shape == s.shape
+                else torch.ones((), dtype=torch.bool, device=device)
+                for b, s in self.buffers
+            ]
+        ).tolist()
+        return [pair for pair, changed in zip(self.buffers, flags) if changed]
 
     def restore(self) -> None:
         """Remove hooks added since the snapshot and restore modes, flags and `.grad` fields."""
@@ -104,11 +118,8 @@ class ModelState:
                     for key in [k for k in current if k not in before]:
                         del current[key]
         with torch.no_grad():
-            for buffer, version, saved in self.buffers:
-                if buffer._version != version or (
-                    self.compare_values and not torch.equal(buffer, saved)
-                ):
-                    buffer.copy_(saved)
+            for buffer, saved in self._changed_buffers():
+                buffer.copy_(saved)
         for p, flag, grad in zip(self.params, self.requires_grad, self.grads):
             if p.requires_grad != flag:
                 p.requires_grad_(flag)

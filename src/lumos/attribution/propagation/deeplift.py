@@ -39,8 +39,7 @@ EPS = 1e-10  # |Δx| below which the multiplier is the derivative (Captum's thre
 
 class _Rescale(torch.autograd.Function):
     """Elementwise ``y = f(x)``; backward multiplies by ``(y − y')/(x − x')`` against the
-    reference values ``x', y'`` (the derivative at x where ``|x − x'| < EPS`` when some Δy/Δx
-    is not finite, see `forward`)."""
+    reference values ``x', y'`` (the derivative at x where ``|x − x'| < EPS``)."""
 
     @staticmethod
     def forward(
@@ -49,16 +48,14 @@ class _Rescale(torch.autograd.Function):
         with torch.no_grad():
             y = fn(x)
             dx = torch.sub(x, x_ref, out=scratch.like(x))
-            multiplier = (y - y_ref).div_(dx)
-        # the derivative replaces Δy/Δx where |Δx| < EPS, but only when some Δy/Δx is not
-        # finite (Δx = 0): elsewhere in that band Δy/Δx already is the derivative for
-        # piecewise-linear functions (ReLU) and is within rounding of it for smooth ones. The
-        # check is one read of memory; the masks, a second pass of the function and `where`
-        # cost several (and `where` is slow on the CPU)
-        if not bool(torch.isfinite(multiplier.sum())):
+            multiplier = (y - y_ref).div_(dx)  # where |Δx| < EPS replaced below
+            size = dx.abs_()
+        # the smallest |Δx| decides whether any element needs the derivative: two passes over
+        # memory, where a boolean mask, a second pass of the function and `where` cost several
+        # (and `where` is slow on the CPU)
+        if bool(size.amin() < EPS):
             slope = _vjp(fn, x, torch.ones_like(x))
-            small = dx.abs_() < EPS
-            multiplier = torch.where(small, slope, multiplier, out=multiplier)
+            multiplier = torch.where(size < EPS, slope, multiplier, out=multiplier)
         ctx.save_for_backward(multiplier)
         return y
 
@@ -472,7 +469,7 @@ class DeepLift(_DeepLiftBase):
 
     Shrikumar, Greenside & Kundaje (2017), "Learning Important Features Through Propagating
     Activation Differences". Every nonlinearity passes back ``m = Δy/Δx`` (its derivative where
-    Δx vanishes), linear layers their weights; ``attr = (x − x') ⊙ m``. Max pooling uses
+    ``|Δx| < 1e-10``), linear layers their weights; ``attr = (x − x') ⊙ m``. Max pooling uses
     the max-pool rule; functional ReLUs, residual adds and reused modules are handled (the model
     is traced with torch.fx). Summation-to-delta: ``Σ attr = f_c(x) − f_c(x')``; `delta` is the
     error.

@@ -15,7 +15,6 @@ DeepLIFT multipliers, or the plain forward). An operation that no kind covers ra
 from __future__ import annotations
 
 import operator
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -236,45 +235,6 @@ class Step:
     output_layer: bool = False
 
 
-_TRACES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_PLAIN = (bool, int, float, str, type(None))
-
-
-def _fingerprint(model: nn.Module) -> tuple:
-    """What a symbolic trace of `model` depends on: every submodule (path, object, type, an
-    instance-level `forward`), their plain attributes (flags and sizes that steer `forward`'s
-    Python branches, `training` included) and the parameter and buffer objects."""
-    parts: list = []
-    for name, module in model.named_modules():
-        state = module.__dict__
-        plain = tuple(
-            (k, v)
-            for k, v in state.items()
-            if not k.startswith("_")
-            and (
-                isinstance(v, _PLAIN)
-                or (isinstance(v, tuple) and all(isinstance(e, _PLAIN) for e in v))
-            )
-        )
-        parts.append((name, id(module), type(module), id(state.get("forward")), plain))
-    parts.append(tuple(map(id, model.parameters())))
-    parts.append(tuple(map(id, model.buffers())))
-    return tuple(parts)
-
-
-def traced(model: nn.Module) -> fx.GraphModule:
-    """``fx.symbolic_trace(model)``, reused while the model's fingerprint is unchanged (tracing
-    a ResNet-18 takes longer than its forward pass on a GPU). The trace holds the model's own
-    submodules and parameters, so weights changed in place are seen."""
-    key = _fingerprint(model)
-    cached = _TRACES.get(model)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    module = fx.symbolic_trace(model)
-    _TRACES[model] = (key, module)
-    return module
-
-
 class Graph:
     """A traced model whose operations on the input→output path are classified.
 
@@ -290,7 +250,7 @@ class Graph:
                 "torch.nn.Module (not a TorchScript model or a plain function)."
             )
         try:
-            self.module = traced(model)
+            self.module = fx.symbolic_trace(model)
         except Exception as exc:  # fx raises many types for untraceable code
             raise UnsupportedModelError(
                 f"{method} traces the model with torch.fx to see every operation (functional "
