@@ -117,12 +117,14 @@ class Players:
         return tuple(out)
 
     def on_elements(
-        self, on: torch.Tensor, example_index: torch.Tensor
+        self, on: torch.Tensor, example_index: torch.Tensor, single: bool | None = None
     ) -> tuple[torch.Tensor, ...]:
         """For rows with player states `on` (R, M) bool, which elements of each input are on:
         one bool tensor per input, (R, *mask dims) broadcastable to the input's rows (rows
-        belonging to `example_index`). They may be transposed views: build rows with
-        `masked_rows`, which writes them in the model's usual layout."""
+        belonging to `example_index`; `single`: whether they all belong to one example, where
+        the caller knows it — reading it off a device would wait for the queue). They may be
+        transposed views: build rows with `masked_rows`, which writes them in the model's usual
+        layout."""
         result = []
         first = example_index[:1]
         single = None
@@ -340,10 +342,10 @@ class BlackBoxMethod(Method):
         def make_rows(s: slice) -> list[torch.Tensor]:
             r = torch.arange(s.start, s.stop, device=ctx.device)
             e, c, j = r // (n_coal * k), (r // k) % n_coal, r % k
-            on = players.on_elements(coalitions[c], e)
             # a chunk inside one example (and one shared reference) needs no row copies
             first, last = s.start // (n_coal * k), (s.stop - 1) // (n_coal * k)
             single = first == last
+            on = players.on_elements(coalitions[c], e, single)
             rows = []
             for x, ref, mask in zip(ctx.inputs, refs, on):
                 x_rows = x[first : first + 1].expand(len(r), *x.shape[1:]) if single else x[e]

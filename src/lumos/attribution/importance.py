@@ -101,7 +101,7 @@ def permutation_importance(
         r = torch.arange(s.start, s.stop, device=device)
         rep, player, e = r // (m * n), (r // n) % m, r % n
         source = perms[rep, player, e]
-        on = players.on_elements(torch.nn.functional.one_hot(player, m).bool(), e)
+        on = players.on_elements(torch.nn.functional.one_hot(player, m).bool(), e, n == 1)
         return [masked_rows(mask, x[source], x[e]) for x, mask in zip(xs, on)]
 
     with preserved(model), torch.no_grad():
