@@ -256,14 +256,35 @@ class BatchStatistics(torch.nn.Module):
         return self.linear(x)
 
 
-@pytest.mark.parametrize("model_class", [CountingModel, BatchStatistics])
+class ReshapingBuffers(torch.nn.Module):
+    """A forward that resizes one buffer in place, replaces another and registers a third."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 3)
+        self.register_buffer("grown", torch.tensor([2.0]))
+        self.register_buffer("swapped", torch.zeros(3))
+
+    def forward(self, x):
+        self.grown.resize_(4).fill_(1.0)
+        self.swapped = torch.ones(5)
+        self.register_buffer("extra", torch.ones(2))
+        return self.linear(x)
+
+
+@pytest.mark.parametrize("model_class", [CountingModel, BatchStatistics, ReshapingBuffers])
 def test_buffers_an_eval_mode_model_writes_to_are_restored(model_class):
     model = model_class().eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    objects = [id(b) for b in model.buffers()]
     for method in ("saliency", "integrated_gradients", "occlusion"):
         lumos.explain(model, torch.rand(3, 4), method=method, target=0)
-        for key, value in model.state_dict().items():
+        after = model.state_dict()
+        assert after.keys() == before.keys(), method
+        for key, value in after.items():
             assert torch.equal(value, before[key]), (method, key)
+        assert [id(b) for b in model.buffers()] == objects
+        assert all(p.requires_grad for p in model.parameters())
 
 
 @pytest.mark.parametrize(

@@ -127,7 +127,6 @@ class Players:
         layout."""
         result = []
         first = example_index[:1]
-        single = None
         for mask in self.compact or self.masks:
             flat = mask.reshape(mask.shape[0], -1)
             if flat.shape[0] > 1 and single is None:

@@ -82,8 +82,12 @@ class ModelState:
             {attr: set(hooks) for attr in _HOOK_DICTS if (hooks := m.__dict__.get(attr))}
             for m in self.modules
         ]
-        # buffers are compared by value: fused kernels (BatchNorm, quantization observers)
-        # update them in place without bumping their version counters, also in eval mode
+        # which tensor each module holds under each buffer name (a forward may reassign or
+        # register buffers), and every buffer's values, compared by value: fused kernels
+        # (BatchNorm, quantization observers) update them without bumping their version
+        self.buffer_slots = [
+            (dict(m._buffers), set(m._non_persistent_buffers_set)) for m in self.modules
+        ]
         self.buffers = [(b, b.detach().clone()) for b in model.buffers()]
         self.params = list(model.parameters())
         self.requires_grad = [p.requires_grad for p in self.params]
@@ -96,7 +100,7 @@ class ModelState:
         if not self.buffers:
             return []
         device = self.buffers[0][0].device
-        flags = torch.stack(
+        flags = torch.stack(  # (b != s) is false for -0.0 against 0.0, which state_dict ignores too
             [
                 (b != s).any().to(device)
                 if b.shape == s.shape
@@ -117,14 +121,23 @@ class ModelState:
                     before = keys.get(attr, ())
                     for key in [k for k in current if k not in before]:
                         del current[key]
-        with torch.no_grad():
-            for buffer, saved in self._changed_buffers():
-                buffer.copy_(saved)
         for p, flag, grad in zip(self.params, self.requires_grad, self.grads):
             if p.requires_grad != flag:
                 p.requires_grad_(flag)
             if p.grad is not grad:
                 p.grad = grad
+        for module, (slots, non_persistent) in zip(self.modules, self.buffer_slots):
+            current = module._buffers
+            if current.keys() != slots.keys() or any(current[k] is not v for k, v in slots.items()):
+                current.clear()
+                current.update(slots)
+                module._non_persistent_buffers_set.clear()
+                module._non_persistent_buffers_set.update(non_persistent)
+        with torch.no_grad():
+            for buffer, saved in self._changed_buffers():
+                if buffer.shape != saved.shape:
+                    buffer.resize_(saved.shape)
+                buffer.copy_(saved)
 
 
 @contextlib.contextmanager
