@@ -86,7 +86,10 @@ class ModelState:
         # register buffers), and every buffer's values, compared by value: fused kernels
         # (BatchNorm, quantization observers) update them without bumping their version
         self.buffer_slots = [
-            (dict(m._buffers), set(m._non_persistent_buffers_set)) for m in self.modules
+            (dict(m._buffers), set(getattr(m, "_non_persistent_buffers_set", ())))
+            if isinstance(m._buffers, dict)  # (TorchScript modules wrap theirs)
+            else None
+            for m in self.modules
         ]
         self.buffers = [(b, b.detach().clone()) for b in model.buffers()]
         self.params = list(model.parameters())
@@ -126,7 +129,10 @@ class ModelState:
                 p.requires_grad_(flag)
             if p.grad is not grad:
                 p.grad = grad
-        for module, (slots, non_persistent) in zip(self.modules, self.buffer_slots):
+        for module, snapshot in zip(self.modules, self.buffer_slots):
+            if snapshot is None:
+                continue
+            slots, non_persistent = snapshot
             current = module._buffers
             if current.keys() != slots.keys() or any(current[k] is not v for k, v in slots.items()):
                 current.clear()
