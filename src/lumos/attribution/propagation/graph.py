@@ -250,15 +250,19 @@ class Graph:
                 "torch.nn.Module (not a TorchScript model or a plain function)."
             )
         try:
-            self.module = fx.symbolic_trace(model)
+            # the graph alone: the model itself stands in for the GraphModule that
+            # `fx.symbolic_trace` would also build (its code generation costs more than the
+            # trace), and every call traces afresh, so whatever forward reads is current
+            self.graph = fx.Tracer().trace(model)
         except Exception as exc:  # fx raises many types for untraceable code
             raise UnsupportedModelError(
                 f"{method} traces the model with torch.fx to see every operation (functional "
                 f"ReLUs, residual adds), and tracing failed: {exc}. Data-dependent control flow "
                 "cannot be traced; move it out of forward() or use 'integrated_gradients'."
             ) from exc
+        self.module = model
         self.method = method
-        self.modules = dict(self.module.named_modules())
+        self.modules = dict(model.named_modules())
         self.steps: list[Step] = []
         self.layers: dict[str, Layer] = {}
         self.merged: set[str] = set()
@@ -269,7 +273,7 @@ class Graph:
     def _classify(self) -> None:
         carries = self.carries
         first_seen = False
-        for node in self.module.graph.nodes:
+        for node in self.graph.nodes:
             inputs = node.all_input_nodes
             carrying = node.op == "placeholder" or any(carries.get(n, False) for n in inputs)
             carries[node] = carrying
