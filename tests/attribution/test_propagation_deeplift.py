@@ -245,6 +245,36 @@ def test_a_vanishing_difference_takes_the_derivative_whatever_the_batch(activati
     torch.testing.assert_close(batched, alone, rtol=1e-12, atol=1e-12)
 
 
+class StraddlingReLU(nn.Module):
+    def __init__(self, functional: bool) -> None:
+        super().__init__()
+        self.first, self.last = nn.Linear(1, 1).double(), nn.Linear(1, 1).double()
+        self.relu = F.relu if functional else nn.ReLU()
+        with torch.no_grad():
+            self.first.weight.fill_(1.0)
+            self.first.bias.zero_()
+            self.last.weight.fill_(1000.0)
+            self.last.bias.zero_()
+
+    def forward(self, x):
+        return self.last(self.relu(self.first(x)))
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_relu_inputs_straddling_zero_closer_than_eps_take_the_derivative(functional):
+    """x = 1e-12 against x' = −1e-12: Δy/Δx = 0.5, the derivative (and Captum) 1."""
+    from captum.attr import DeepLift as CaptumDeepLift
+
+    model = StraddlingReLU(functional).eval()
+    x = torch.tensor([[1e-12], [0.5]], dtype=torch.float64)
+    ref = torch.tensor([[-1e-12]], dtype=torch.float64)
+    ours = deeplift(model, x, 0, baselines=ref).attributions
+    torch.testing.assert_close(ours[:, 0], torch.tensor([2e-9, 500.0], dtype=torch.float64))
+    if not functional:
+        expected = CaptumDeepLift(model).attribute(x, ref.expand_as(x), target=0)
+        torch.testing.assert_close(ours, expected.detach(), rtol=1e-9, atol=1e-15)
+
+
 class Functional(nn.Module):
     def __init__(self) -> None:
         super().__init__()
