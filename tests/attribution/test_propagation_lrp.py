@@ -4,6 +4,7 @@ composites, Zennit reference relevances, and clear errors for what cannot be pro
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 
 import numpy as np
@@ -540,3 +541,23 @@ def test_every_call_sees_the_model_as_it_is_now():
         change()
         check()
     GLOBAL_GAIN[0] = 1.0
+
+
+class MathScaled(nn.Module):
+    """`math` applied to a traced value (a shape): fx must wrap the `math` functions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(F.relu(x)) / math.sqrt(x.shape[-1])
+
+
+def test_a_forward_that_applies_math_to_traced_values_is_traced():
+    torch.manual_seed(0)
+    model = MathScaled().double().eval()
+    x = torch.rand(3, 4, dtype=torch.float64)
+    for method in ("lrp", "deeplift"):
+        exp = lumos.explain(model, x, method=method, target=0)
+        torch.testing.assert_close(exp.outputs, model(x).detach())

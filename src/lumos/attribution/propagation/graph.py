@@ -235,6 +235,31 @@ class Step:
     output_layer: bool = False
 
 
+def _trace(model: nn.Module) -> fx.Graph:
+    """The model's fx graph. fx's tracer first without wrapping the `math` module's functions
+    (patching and unpatching them costs more than tracing a small model); a forward that
+    applies one to a traced value fails there and is traced again with them wrapped. Where
+    both succeed, the graphs are the same."""
+    try:
+        return fx.Tracer(autowrap_modules=(), autowrap_functions=()).trace(model)
+    except Exception:  # e.g. math.sqrt(x.shape[-1]) on a proxy
+        return fx.Tracer().trace(model)
+
+
+_METADATA_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_cuda"}
+_METADATA_METHODS = {"size", "dim", "numel", "nelement", "ndimension", "get_device"}
+
+
+def _metadata(node: fx.Node) -> bool:
+    """Whether the node reads a tensor's metadata (its shape, dtype, device): a number, not a
+    value that relevance flows through, so what is computed from it is a constant."""
+    if node.op == "call_method":
+        return node.target in _METADATA_METHODS
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) > 1 and node.args[1] in _METADATA_ATTRIBUTES
+    return False
+
+
 class Graph:
     """A traced model whose operations on the input→output path are classified.
 
@@ -253,7 +278,7 @@ class Graph:
             # the graph alone: the model itself stands in for the GraphModule that
             # `fx.symbolic_trace` would also build (its code generation costs more than the
             # trace), and every call traces afresh, so whatever forward reads is current
-            self.graph = fx.Tracer().trace(model)
+            self.graph = _trace(model)
         except Exception as exc:  # fx raises many types for untraceable code
             raise UnsupportedModelError(
                 f"{method} traces the model with torch.fx to see every operation (functional "
@@ -276,6 +301,7 @@ class Graph:
         for node in self.graph.nodes:
             inputs = node.all_input_nodes
             carrying = node.op == "placeholder" or any(carries.get(n, False) for n in inputs)
+            carrying = carrying and not _metadata(node)
             carries[node] = carrying
             step = Step(node, "constant", _path(node))
             if node.op in ("placeholder", "output", "get_attr"):
