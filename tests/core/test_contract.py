@@ -348,3 +348,30 @@ def test_seeds_may_be_generators(model):
 def test_models_that_return_nan_are_refused():
     with pytest.raises(ModelCallError, match="NaN or inf"):
         lumos.explain(lambda x: x.log(), -torch.rand(2, 3) - 1, method="saliency", target=0)
+
+
+def test_a_registered_subclass_passing_options_on_keeps_its_parents_options():
+    from lumos.attribution.gradient import Saliency
+    from lumos.core.registry import _REGISTRY, method_options, register
+
+    @register("scaled_saliency_test", family="gradient", needs={"gradients"})
+    class ScaledSaliency(Saliency):
+        """Saliency with one more option, passing the rest on to its parent.
+
+        A test-only subclass (the option is only recorded).
+        """
+
+        def __init__(self, model, *, scale: float = 2.0, **options):
+            super().__init__(model, **options)
+            self.scale = scale
+
+    try:
+        init, _ = method_options(ScaledSaliency)
+        assert {"scale", "batch_size"} <= set(init) and init["scale"] == 2.0
+        init["scale"] = 5.0  # the caller's copy: the next call is unaffected
+        assert method_options(ScaledSaliency)[0]["scale"] == 2.0
+        model, x = tiny_cnn(), torch.rand(2, 3, 16, 16)
+        exp = lumos.explain(model, x, method="scaled_saliency_test", batch_size=1, scale=3.0)
+        assert exp.options["batch_size"] == 1
+    finally:
+        del _REGISTRY["scaled_saliency_test"]

@@ -90,16 +90,28 @@ def method_options(cls: type) -> tuple[dict[str, Any], dict[str, Any]]:
 @functools.lru_cache(maxsize=256)
 def _signature_options(cls: type, init: Any, explain: Any) -> tuple[dict, dict]:
     """`method_options`, read once per class and pair of functions (signatures are slow)."""
+    return (
+        _keywords(cls, "__init__", {"self", "model"}),
+        _keywords(cls, "explain", {"self", "inputs", "target"}),
+    )
 
-    def keywords(fn, skip: set[str]) -> dict[str, Any]:
+
+def _keywords(cls: type, name: str, skip: set[str]) -> dict[str, Any]:
+    """Keyword parameters of `cls.<name>` with their defaults; where it also takes ``**kwargs``
+    (a subclass passing options on to its parent), the parents' keywords as well."""
+    options: dict[str, Any] = {}
+    for klass in cls.__mro__:
+        fn = klass.__dict__.get(name)
+        if fn is None:
+            continue
         params = inspect.signature(fn).parameters.values()
-        return {
-            p.name: (None if p.default is inspect.Parameter.empty else p.default)
-            for p in params
-            if p.name not in skip and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
-        }
-
-    return keywords(init, {"self", "model"}), keywords(explain, {"self", "inputs", "target"})
+        for p in params:
+            if p.name not in skip and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD):
+                default = None if p.default is inspect.Parameter.empty else p.default
+                options.setdefault(p.name, default)
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return options
 
 
 class MethodTable(list):
