@@ -117,3 +117,27 @@ def test_metrics_on_the_device_equal_the_cpu():
             atol=1e-5,  # ReLU-clipped maps by their rounding
             msg=lambda m, key=key: f"{key}: {m}",
         )
+
+
+def test_results_on_the_device_render_and_save(tmp_path):
+    """Figures, HTML and saved files read device tensors back themselves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    x = torch.rand(2, 3, 16, 16, dtype=DTYPE)
+    _, (model, x_dev) = both(x)
+    exp = lumos.explain(model, x_dev, method="integrated_gradients", target=1, n_steps=4)
+    exp.figure()
+    exp._repr_html_()
+    exp.save(tmp_path / "exp.lumos")
+    loaded = lumos.load_explanation(tmp_path / "exp.lumos")
+    torch.testing.assert_close(loaded.attributions, exp.attributions.cpu())
+    masks = torch.zeros(2, 1, 16, 16, dtype=torch.bool, device=DEVICE)
+    masks[..., 4:12, 4:12] = True
+    result = lumos.evaluate(
+        model, x_dev, "predicted", methods=["saliency", "grad_cam"],
+        metrics=["deletion", "pointing_game", "sparseness"], masks=masks, layer="conv2",
+    )  # fmt: skip
+    assert "<" in result.to_html()
+    result.figure()
+    result.curves_figure()

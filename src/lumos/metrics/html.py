@@ -62,7 +62,8 @@ def curves_figure(result: Any):
         for method in result.methods:
             curve = result.curves.get((method, name))
             if curve is not None:
-                ax.plot(curve.x.numpy(), curve.y.mean(0).numpy(), label=method, lw=1.2)
+                x_values, y_values = curve.x.cpu().numpy(), curve.y.mean(0).cpu().numpy()
+                ax.plot(x_values, y_values, label=method, lw=1.2)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel(curve.x_label if curve else "", fontsize=8)
         ax.set_ylabel(curve.y_label if curve else "", fontsize=8)
@@ -87,7 +88,7 @@ def maps_figure(result: Any, n_examples: int = 4):
         ax = fig.add_subplot(n, len(methods) + 1, row * (len(methods) + 1) + 1)
         ax.imshow(images[row])
         if result.masks is not None:
-            mask = result.masks[row].reshape(x.shape[-2:]).float().numpy()
+            mask = result.masks[row].reshape(x.shape[-2:]).float().cpu().numpy()
             ax.contour(mask, levels=[0.5], colors="lime", linewidths=0.8)
         ax.set_axis_off()
         if row == 0:
