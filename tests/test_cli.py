@@ -140,3 +140,37 @@ def test_evaluate_ranks_methods_on_a_users_model_and_data(tmp_path):
     assert result.exit_code == 0, result.output
     page = (tmp_path / "eval" / "index.html").read_text()
     assert "saliency" in page and "deletion" in page and "mean_rank" in result.output
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [("gpu0", "is not a device"), ("cuda", "no cuda device"), ("mps", "no mps device")],
+)
+def test_explain_and_evaluate_say_which_devices_cannot_be_used(tmp_path, device, message):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    mps = getattr(torch.backends, "mps", None)
+    if device == "mps" and mps is not None and mps.is_available():
+        pytest.skip("an MPS device is present")
+    torch.save(torch.rand(2, 3, 16, 16), tmp_path / "x.pt")
+    for command in (
+        ["explain", "--input", str(tmp_path / "x.pt"), "--out", str(tmp_path / "f.png")],
+        ["evaluate", "--data", str(tmp_path / "x.pt"), "--out", str(tmp_path / "eval")],
+    ):
+        args = [*command, "--model", "test_cli:factory", "--device", device]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_explain_runs_on_the_device_it_is_given(tmp_path):
+    torch.save(torch.rand(2, 3, 16, 16), tmp_path / "x.pt")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    result = runner.invoke(
+        app,
+        [
+            "explain", "--model", "test_cli:factory", "--input", str(tmp_path / "x.pt"),
+            "--method", "saliency", "--device", device, "--out", str(tmp_path / "f.png"),
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "f.png").stat().st_size > 1000

@@ -24,6 +24,39 @@ def _fail(exc: LumosError) -> None:
     raise typer.Exit(code=2)
 
 
+DEVICE_HELP = "Where the model runs: cpu, cuda, cuda:1, mps (default: the model's own)."
+
+
+def _on_device(name: str | None, net, *tensors):
+    """`net` and `tensors` moved to the device called `name` (unchanged for None), or an
+    `InputError` saying why that device cannot be used."""
+    if name is None:
+        return (net, *tensors)
+    import torch
+
+    from lumos.core.errors import InputError
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise InputError(
+            f"--device {name!r} is not a device (cpu, cuda, cuda:1, mps): {exc}"
+        ) from exc
+    mps = getattr(torch.backends, "mps", None)
+    available = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available(),
+        "mps": mps is not None and mps.is_available(),
+    }.get(device.type, True)
+    if not available:
+        raise InputError(
+            f"--device {name}: this torch build sees no {device.type} device; use --device cpu "
+            "(or install a torch build for that device)."
+        )
+    moved = [t.to(device) if isinstance(t, torch.Tensor) else t for t in tensors]
+    return (net.to(device) if hasattr(net, "to") else net, *moved)
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("lumos-report"), "--out", help="Folder for the HTML report."),
@@ -97,6 +130,7 @@ def explain(
     trust_pickle: bool = typer.Option(
         False, "--trust-pickle", help="Allow loading a pickled full model (runs its code)."
     ),
+    device: str = typer.Option(None, "--device", help=DEVICE_HELP),
 ) -> None:
     """Explain one input file with one method and write the figure."""
     import lumos
@@ -117,6 +151,7 @@ def explain(
                 raise LumosError(f"--option takes key=value, got {item!r}.")
             options[key.strip()] = parse_value(value.strip())
         chosen = parse_value(target)
+        net, x = _on_device(device, net, x)
         exp = lumos.explain(net, x, method=method, target=chosen, **options)
     except LumosError as exc:
         _fail(exc)
@@ -152,6 +187,7 @@ def evaluate(
     trust_pickle: bool = typer.Option(
         False, "--trust-pickle", help="Allow loading a pickled full model (runs its code)."
     ),
+    device: str = typer.Option(None, "--device", help=DEVICE_HELP),
 ) -> None:
     """Which explanation method should I trust? Rank methods × metrics on your model and data."""
     from lumos.loading import load_input, load_model
@@ -177,6 +213,7 @@ def evaluate(
             mask = load_input(masks).bool()
         bundle = info.get("bundle")
         layer = layer or getattr(bundle, "default_layer", None)
+        net, x, mask = _on_device(device, net, x, mask)
         with console.status("scoring methods × metrics"):
             result = trust_report(
                 net,
