@@ -36,25 +36,30 @@ def _on_device(name: str | None, net, *tensors):
 
     from lumos.core.errors import InputError
 
+    def refuse(why: object) -> InputError:
+        return InputError(
+            f"--device {name!r} cannot be used here: {why}. Use --device cpu, or a device this "
+            "torch build has (cuda, cuda:1, mps)."
+        )
+
     try:
         device = torch.device(name)
     except RuntimeError as exc:
-        raise InputError(
-            f"--device {name!r} is not a device (cpu, cuda, cuda:1, mps): {exc}"
-        ) from exc
+        raise refuse(exc) from exc
+    if device.type == "meta":
+        raise refuse("meta tensors hold no values")
     mps = getattr(torch.backends, "mps", None)
-    available = {
-        "cpu": True,
-        "cuda": torch.cuda.is_available(),
-        "mps": mps is not None and mps.is_available(),
-    }.get(device.type, True)
-    if not available:
-        raise InputError(
-            f"--device {name}: this torch build sees no {device.type} device; use --device cpu "
-            "(or install a torch build for that device)."
-        )
-    moved = [t.to(device) if isinstance(t, torch.Tensor) else t for t in tensors]
-    return (net.to(device) if hasattr(net, "to") else net, *moved)
+    if (device.type == "cuda" and not torch.cuda.is_available()) or (
+        device.type == "mps" and not (mps is not None and mps.is_available())
+    ):
+        raise refuse(f"this torch build sees no {device.type} device")
+    try:
+        torch.empty(1, device=device)
+        moved = [t.to(device) if isinstance(t, torch.Tensor) else t for t in tensors]
+        net = net.to(device) if hasattr(net, "to") else net
+    except Exception as exc:  # unknown backends fail in many ways (assertions, imports)
+        raise refuse(exc) from exc
+    return (net, *moved)
 
 
 @app.command()

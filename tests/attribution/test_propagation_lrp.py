@@ -561,3 +561,62 @@ def test_a_forward_that_applies_math_to_traced_values_is_traced():
     for method in ("lrp", "deeplift"):
         exp = lumos.explain(model, x, method=method, target=0)
         torch.testing.assert_close(exp.outputs, model(x).detach())
+
+
+class Accumulating(nn.Module):
+    """Forwards that change a tensor in place and read it again afterwards."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        if self.kind == "accumulator":
+            acc = torch.zeros(x.shape)
+            acc.add_(F.relu(self.a(x)))
+            return self.b(acc + x)
+        if self.kind == "discarded":
+            h = F.relu(self.a(x))
+            h.mul_(2.0)
+            return self.b(h)
+        identity = x  # "alias": the old name still points at the changed tensor
+        out = self.a(x)
+        out += identity
+        return self.b(F.relu(out) + identity)
+
+
+@pytest.mark.parametrize("kind", ["accumulator", "discarded"])
+@pytest.mark.parametrize("method", ["lrp", "deeplift", "excitation_backprop"])
+def test_a_tensor_changed_in_place_and_read_again_is_refused_by_name(kind, method):
+    model = Accumulating(kind).eval()
+    with pytest.raises(lumos.core.errors.UnsupportedModelError, match="in place"):
+        lumos.explain(model, torch.rand(3, 6), method=method, target=0)
+
+
+def test_an_in_place_update_whose_old_value_is_not_read_again_is_exact():
+    torch.manual_seed(0)
+    model = Accumulating("alias").double().eval()
+    x = torch.rand(3, 6, dtype=torch.float64)
+    for method in ("lrp", "deeplift"):
+        exp = lumos.explain(model, x, method=method, target=0)
+        torch.testing.assert_close(exp.outputs, model(x).detach())
+
+
+class MakesConstants(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.b(F.relu(self.a(x)) * torch.tensor(2.0)) / math.sqrt(x.shape[-1])
+
+
+def test_tracing_leaves_no_attributes_on_the_model():
+    """fx stores tensor constants made in forward on the traced root; lumos keeps them aside."""
+    model = MakesConstants().eval()
+    before = dict(vars(model))
+    for method in ("lrp", "deeplift"):
+        exp = lumos.explain(model, torch.rand(2, 4), method=method, target=0)
+        torch.testing.assert_close(exp.outputs, model(exp.inputs).detach())
+    assert vars(model).keys() == before.keys()

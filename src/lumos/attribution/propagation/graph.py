@@ -235,15 +235,50 @@ class Step:
     output_layer: bool = False
 
 
-def _trace(model: nn.Module) -> fx.Graph:
-    """The model's fx graph. fx's tracer first without wrapping the `math` module's functions
-    (patching and unpatching them costs more than tracing a small model); a forward that
-    applies one to a traced value fails there and is traced again with them wrapped. Where
-    both succeed, the graphs are the same."""
+def _trace(model: nn.Module) -> tuple[fx.Graph, dict[str, Any]]:
+    """The model's fx graph and the tensor constants its forward creates (fx would leave them
+    on the model as `_tensor_constantN` attributes: they are taken off and kept here).
+
+    fx's tracer runs first without wrapping the `math` module's functions (patching and
+    unpatching them costs more than tracing a small model); a forward that applies one to a
+    traced value fails there and is traced again with them wrapped (so its Python side
+    effects run twice). Where both succeed, the graphs are the same."""
+    before = set(model.__dict__)
+    constants: dict[str, Any] = {}
+
+    def attempt(tracer: fx.Tracer) -> fx.Graph:
+        try:
+            return tracer.trace(model)
+        finally:
+            for key in [k for k in model.__dict__ if k not in before]:
+                constants[key] = model.__dict__.pop(key)
+
     try:
-        return fx.Tracer(autowrap_modules=(), autowrap_functions=()).trace(model)
+        return attempt(fx.Tracer(autowrap_modules=(), autowrap_functions=())), constants
     except Exception:  # e.g. math.sqrt(x.shape[-1]) on a proxy
-        return fx.Tracer().trace(model)
+        constants.clear()
+        return attempt(fx.Tracer()), constants
+
+
+_INPLACE_FUNCTIONS = {
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, F.relu_, torch.relu_,
+}  # fmt: skip
+
+
+def _changed_in_place(node: fx.Node, modules: dict[str, nn.Module]) -> Any:
+    """The argument an in-place operation changes (its first), or None."""
+    if not node.args:
+        return None
+    if node.op == "call_method":
+        name = str(node.target)
+        inplace = name.endswith("_") and not name.startswith("_") and name != "requires_grad_"
+    elif node.op == "call_function":
+        inplace = node.target in _INPLACE_FUNCTIONS or node.kwargs.get("inplace") is True
+    elif node.op == "call_module":
+        inplace = getattr(modules.get(str(node.target)), "inplace", False) is True
+    else:
+        inplace = False
+    return node.args[0] if inplace else None
 
 
 _METADATA_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_cuda"}
@@ -278,7 +313,7 @@ class Graph:
             # the graph alone: the model itself stands in for the GraphModule that
             # `fx.symbolic_trace` would also build (its code generation costs more than the
             # trace), and every call traces afresh, so whatever forward reads is current
-            self.graph = _trace(model)
+            self.graph, self.constants = _trace(model)
         except Exception as exc:  # fx raises many types for untraceable code
             raise UnsupportedModelError(
                 f"{method} traces the model with torch.fx to see every operation (functional "
@@ -311,7 +346,26 @@ class Graph:
             if step.kind == "linear" and not first_seen:
                 step.first, first_seen = True, True
             self.steps.append(step)
+        self._refuse_lost_mutations()
         self._mark_output_layer()
+
+    def _refuse_lost_mutations(self) -> None:
+        """Every operation runs out of place here, which is exact where the tensor an in-place
+        operation changes is not read again afterwards (``out += x; out = relu(out)``). Where
+        it is read again, that read would see the old value: refused, by name."""
+        order = {node: i for i, node in enumerate(self.graph.nodes)}
+        for node in self.graph.nodes:
+            changed = _changed_in_place(node, self.modules)
+            if not isinstance(changed, fx.Node):
+                continue
+            later = [u for u in changed.users if u is not node and order[u] > order[node]]
+            if later:
+                raise UnsupportedModelError(
+                    f"{self.method}: '{_path(node)}' changes '{changed.name}' in place "
+                    f"({_name(node.target)}) and '{later[0].name}' reads it afterwards; "
+                    "lumos runs every operation out of place, so that read would see the old "
+                    "value. Write it out of place, e.g. `a = a + b` instead of `a.add_(b)`."
+                )
 
     def _classify_call(self, step: Step, carries: dict[fx.Node, bool]) -> None:
         node = step.node
@@ -464,7 +518,8 @@ class Graph:
         if kind == "arithmetic":
             kind = self._arithmetic_kind(step, args)
         if kind == "get_attr":
-            out = _attr(self.module, node.target)
+            target = node.target
+            out = self.constants[target] if target in self.constants else _attr(self.module, target)
         elif kind in ("constant", "structural"):
             out = _call(node, self.module, args, kwargs)
         elif kind == "linear":
