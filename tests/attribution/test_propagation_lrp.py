@@ -620,3 +620,32 @@ def test_tracing_leaves_no_attributes_on_the_model():
         exp = lumos.explain(model, torch.rand(2, 4), method=method, target=0)
         torch.testing.assert_close(exp.outputs, model(exp.inputs).detach())
     assert vars(model).keys() == before.keys()
+
+
+class BatchCentred(nn.Module):
+    def __init__(self, dim) -> None:
+        super().__init__()
+        self.dim = dim
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = F.relu(self.a(x))
+        if self.dim is None:
+            return self.b(h - h.mean())
+        return self.b(h - h.mean(self.dim, keepdim=True))
+
+
+@pytest.mark.parametrize("dim", [0, (0, 1), None])
+@pytest.mark.parametrize("method", ["lrp", "deeplift"])
+def test_a_mean_over_the_batch_is_refused_by_name(dim, method):
+    with pytest.raises(lumos.core.errors.UnsupportedModelError, match="batch dimension"):
+        lumos.explain(BatchCentred(dim).eval(), torch.rand(3, 4), method=method, target=0)
+
+
+def test_a_mean_over_the_features_propagates():
+    torch.manual_seed(0)
+    model = BatchCentred(-1).double().eval()
+    x = torch.rand(3, 4, dtype=torch.float64)
+    exp = lumos.explain(model, x, method="deeplift", target=0)
+    torch.testing.assert_close(exp.outputs, model(x).detach())
+    assert exp.delta.abs().max() < 1e-10

@@ -260,6 +260,18 @@ def _trace(model: nn.Module) -> tuple[fx.Graph, dict[str, Any]]:
         return attempt(fx.Tracer()), constants
 
 
+_REDUCTIONS = {torch.mean, torch.sum, "mean", "sum"}
+
+
+def _reduces_batch(x: Tensor, args: tuple, kwargs: dict) -> bool:
+    """Whether a mean/sum step reduces dimension 0 (no `dim`: all of them)."""
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    if dim is None:
+        return True
+    dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+    return any(int(d) % max(x.dim(), 1) == 0 for d in dims)
+
+
 _INPLACE_FUNCTIONS = {
     operator.iadd, operator.isub, operator.imul, operator.itruediv, F.relu_, torch.relu_,
 }  # fmt: skip
@@ -538,6 +550,12 @@ class Graph:
             fn = _with_input(node, self.module, args, kwargs, position)
             if kind == "max_pool":
                 fn.with_indices = _pool_with_indices(step, x, args, kwargs, position)
+            reduction = kind == "avg_pool" and node.target in _REDUCTIONS
+            if reduction and _reduces_batch(x, args, kwargs):
+                raise self._unsupported(
+                    step, f"{_name(node.target)} over the batch dimension (it mixes examples)",
+                    "reduce over the other dimensions only (e.g. x.mean((2, 3)))",
+                )  # fmt: skip
             handler = {
                 "activation": strategy.activation,
                 "max_pool": strategy.max_pool,
