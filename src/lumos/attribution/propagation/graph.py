@@ -637,9 +637,9 @@ def _pool_with_indices(
         spec = _POOLS_WITH_INDICES.get(type(module))
         if spec is None or getattr(module, "return_indices", False):
             return None
-        fn, dims, _ = spec
+        fn, dims, at = spec
         kwargs = {}
-        if module.__class__.__name__.startswith("Adaptive"):
+        if at == 1:  # adaptive pooling: (output_size, return_indices)
             options: tuple = (module.output_size,)
         else:
             options = (
