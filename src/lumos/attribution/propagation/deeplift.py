@@ -174,7 +174,7 @@ class _RecordReferences(Strategy):
     (appended per chunk of reference rows), by graph node."""
 
     def __init__(self) -> None:
-        self.records: dict[Any, list[tuple[Tensor, Tensor]]] = {}
+        self.records: dict[Any, list[tuple[Tensor, ...]]] = {}  # (x, y[, indices])
 
     def activation(self, step: Step, fn: Callable, x: Tensor) -> Tensor:
         y = fn(x)
@@ -190,7 +190,7 @@ class _RecordReferences(Strategy):
         self.records.setdefault(step.node, []).append((x, y, indices))
         return y
 
-    def joined(self) -> dict[Any, tuple[Tensor, Tensor]]:
+    def joined(self) -> dict[Any, tuple[Tensor, ...]]:
         return {
             step: tuple(torch.cat(part) if len(part) > 1 else part[0] for part in zip(*chunks_))
             for step, chunks_ in self.records.items()
@@ -202,7 +202,7 @@ class RescaleStrategy(Strategy):
     recorded reference values (row `index[r]` of the references for input row r, or the single
     shared reference row), gradients for linear steps."""
 
-    def __init__(self, references: dict[Any, tuple[Tensor, Tensor]]) -> None:
+    def __init__(self, references: dict[Any, tuple[Tensor, ...]]) -> None:
         self.references = references
         self.index: Tensor | None = None  # reference row of each input row; None: shared row
         self.rows = 0  # input rows of the current pass
