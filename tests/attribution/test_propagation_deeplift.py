@@ -192,9 +192,11 @@ class Pools(nn.Module):
 
 
 @pytest.mark.parametrize("baselines", ["zeros", "per example", "background"])
-def test_the_indexed_max_pool_rule_equals_the_general_one(baselines, monkeypatch):
+def test_the_pooling_rules_agree_with_the_general_one(baselines, monkeypatch):
     """Standard pooling layers route DeepLIFT's max-pool rule by the winners' indices of the
-    input and the reference; the general rule (differentiating the pooling twice) must agree."""
+    input and the reference, and a ReLU read only by a pooling is applied with it at the
+    pooled size; both must agree with the general rule (differentiating the pooling twice
+    after a full-size Rescale)."""
     from lumos.attribution.propagation import deeplift as module
     from lumos.attribution.propagation import graph
 
@@ -208,18 +210,34 @@ def test_the_indexed_max_pool_rule_equals_the_general_one(baselines, monkeypatch
         "per example": torch.rand(3, 3, 15, 15, dtype=torch.float64),
         "background": torch.rand(4, 3, 15, 15, dtype=torch.float64),
     }[baselines]
-    calls = []
-    apply = module._IndexedMaxPoolRescale.apply
-    monkeypatch.setattr(
-        module._IndexedMaxPoolRescale, "apply", lambda *a: calls.append(1) or apply(*a)
-    )
-    indexed = lumos.explain(model, x, method=method, target=[0, 1, 2], baselines=refs)
-    assert len(calls) == 5  # every pooling took the indexed rule
+    calls = {"indexed": 0, "fused": 0}
+
+    def counted(cls, key):
+        apply = cls.apply
+
+        def wrapper(*args):
+            calls[key] += 1
+            return apply(*args)
+
+        monkeypatch.setattr(cls, "apply", wrapper)
+
+    counted(module._IndexedMaxPoolRescale, "indexed")
+    counted(module._RescaleMaxPool, "fused")
+
+    def explain():
+        return lumos.explain(model, x, method=method, target=[0, 1, 2], baselines=refs)
+
+    fused = explain()
+    assert calls == {"indexed": 4, "fused": 1}  # the ReLU's pooling took both rules at once
+    monkeypatch.setattr(graph.Graph, "_mark_pooled_activations", lambda self: None)
+    indexed = explain()
+    assert calls == {"indexed": 9, "fused": 1}  # now every pooling took the indexed rule
     monkeypatch.setattr(graph, "_pool_with_indices", lambda *a: None)
-    general = lumos.explain(model, x, method=method, target=[0, 1, 2], baselines=refs)
-    assert len(calls) == 5
-    torch.testing.assert_close(indexed.attributions, general.attributions, rtol=1e-12, atol=1e-14)
-    assert indexed.delta.abs().max() < 1e-10
+    general = explain()
+    assert calls == {"indexed": 9, "fused": 1}
+    for exp in (fused, indexed):
+        torch.testing.assert_close(exp.attributions, general.attributions, rtol=1e-12, atol=1e-14)
+        assert exp.delta.abs().max() < 1e-10
 
 
 @pytest.mark.parametrize("activation", [nn.Sigmoid, nn.Tanh, nn.ELU])
@@ -310,6 +328,96 @@ def test_deeplift_of_functional_code_equals_deeplift_of_its_module_twin():
     a = deeplift(functional, x, 2, baselines=ref).attributions
     b = deeplift(twin, x, 2, baselines=ref).attributions
     assert torch.allclose(a, b, atol=1e-12)
+
+
+class Layers(nn.Module):
+    """Every layer the lockstep pass runs on inputs and references at once (strided, dilated
+    and grouped convolutions in 1, 2 and 3 dimensions, a merged BatchNorm, a Linear on
+    positions), and convolutions it leaves to their own autograd (reflect padding,
+    ``padding='same'``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, stride=2, padding=1, dilation=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.grouped = nn.Conv2d(6, 6, 3, padding=2, dilation=2, groups=3)
+        self.reflect = nn.Conv2d(6, 4, 3, padding=1, padding_mode="reflect")
+        self.same = nn.Conv2d(4, 4, 4, padding="same")
+        self.conv1d = nn.Conv1d(4, 4, 3, padding=1)
+        self.conv3d = nn.Conv3d(1, 2, (1, 3, 3), padding=(0, 1, 1))
+        self.positions = nn.Linear(4, 5)
+        self.fc = nn.Linear(16 * 5 + 2 * 4 * 4 * 4, 3)
+
+    def forward(self, x):
+        h = F.relu(self.bn(self.conv(x)))  # (N, 6, 4, 4)
+        h = torch.sigmoid(self.reflect(F.elu(self.grouped(h))))
+        h = torch.tanh(self.same(h))  # (N, 4, 4, 4)
+        seq = F.relu(self.conv1d(h.flatten(2)))  # (N, 4, 16)
+        a = F.relu(self.positions(seq.transpose(1, 2)))  # (N, 16, 5)
+        b = F.relu(self.conv3d(seq.unsqueeze(1).unflatten(-1, (4, 4)).transpose(2, 3)))
+        return self.fc(torch.cat([a.flatten(1), b.flatten(1)], 1))
+
+
+@pytest.mark.parametrize("baselines", ["zeros", "per example", "background"])
+def test_the_lockstep_pass_equals_separate_reference_passes(baselines, monkeypatch):
+    """Inputs and references share each linear layer's call (the references ride along, the
+    backward pass differentiates the inputs' rows alone); the same numbers as running the
+    references on their own first, for every kind of layer, and summation-to-delta holds."""
+    from lumos.attribution.propagation import deeplift as module
+
+    torch.manual_seed(0)
+    model = Layers().double().eval()
+    model.bn.running_mean.uniform_(-0.3, 0.3)
+    model.bn.running_var.uniform_(0.5, 1.5)
+    x = torch.rand(3, 3, 8, 8, dtype=torch.float64)
+    method = "deeplift_shap" if baselines == "background" else "deeplift"
+    refs = {
+        "zeros": None,
+        "per example": torch.rand(3, 3, 8, 8, dtype=torch.float64),
+        "background": torch.rand(2, 3, 8, 8, dtype=torch.float64),
+    }[baselines]
+    paired = []
+    apply = module._PairedLayer.apply
+    monkeypatch.setattr(module._PairedLayer, "apply", lambda *a: paired.append(1) or apply(*a))
+
+    def explain(**options):
+        return lumos.explain(model, x, method=method, target=[0, 2, 1], baselines=refs, **options)
+
+    together = explain()
+    assert len(paired) == 6  # all but the reflect-padded and 'same' convolutions
+    bounded = explain(batch_size=2)  # chunks of 2 rows cannot carry the references too
+    assert len(paired) == 6
+    monkeypatch.setattr(module.RescaleStrategy, "paired_layer", lambda *a: None)
+    apart = explain()
+    for exp in (together, bounded):
+        torch.testing.assert_close(exp.attributions, apart.attributions, rtol=1e-10, atol=1e-13)
+        assert exp.delta.abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("activation", [nn.PReLU, nn.Sigmoid, nn.ELU])
+def test_any_activation_read_by_a_max_pooling_takes_both_rules_at_once(activation, monkeypatch):
+    """The pooled-size rule (`_RescaleMaxPool`) holds for any elementwise activation, channel
+    parameters included, ties with the reference included."""
+    from lumos.attribution.propagation import graph
+
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), activation(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64, 3),
+    ).double().eval()  # fmt: skip
+    if activation is nn.PReLU:
+        model[1] = nn.PReLU(4, init=0.1).double()
+    with torch.no_grad():  # channel 0 computes x₀ − x₁: Δz = 0 wherever the two are equal,
+        model[0].weight[0] = 0.0  # while Δx is not, so the derivative there reaches the input
+        model[0].weight[0, 0, 1, 1], model[0].weight[0, 1, 1, 1] = 1.0, -1.0
+    x = torch.rand(3, 3, 8, 8, dtype=torch.float64) - 0.5
+    x[0, 1] = x[0, 0]
+    x[1, :, :4, :4] = 0.0  # and ties with the reference
+    fused = deeplift(model, x, [0, 1, 2])
+    monkeypatch.setattr(graph.Graph, "_mark_pooled_activations", lambda self: None)
+    apart = deeplift(model, x, [0, 1, 2])
+    torch.testing.assert_close(fused.attributions, apart.attributions, rtol=1e-12, atol=1e-14)
+    assert fused.delta.abs().max() < 1e-10
 
 
 # -- RevealCancel --------------------------------------------------------------------------------

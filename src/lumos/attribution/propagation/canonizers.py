@@ -66,7 +66,7 @@ def merge(layer: Layer, bn: nn.Module) -> Layer:
     scale, shift = batchnorm_affine(bn)
     weight = None if layer.raw is None else layer.raw.detach()
     bias = None if layer.raw_bias is None else layer.raw_bias.detach()
-    return Layer(layer.fn, weight, bias, scale=scale, shift=shift)
+    return Layer(layer.fn, weight, bias, scale=scale, shift=shift, transpose=layer.transpose)
 
 
 @contextlib.contextmanager

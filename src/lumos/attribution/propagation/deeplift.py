@@ -157,6 +157,61 @@ class _IndexedMaxPoolRescale(torch.autograd.Function):
         return result.view_as(x), None, None, None, None
 
 
+class _RescaleMaxPool(torch.autograd.Function):
+    """An activation f read only by a standard max pooling: the Rescale rule and the max-pool
+    rule at once, at the pooled size.
+
+    For pooled output j with upstream multiplier g_j, input winner i and reference winner i',
+    and ``Δ = y_j − y'_j``: the max-pool rule sends ``g_j max(Δ, 0)`` to i and
+    ``g_j min(Δ, 0)`` to i', each divided by that position's ``Δf``, and the activation
+    multiplies by ``Δf/Δz`` there, so the pre-activation receives
+    ``g_j max(Δ, 0)/(z_i − z'_i)`` at i and ``g_j min(Δ, 0)/(z_i' − z'_i')`` at i' — and, where
+    ``|Δz| < EPS``, the derivative ``g_j f'(z_i)`` at i and nothing at i'. (`_Rescale`
+    followed by `_IndexedMaxPoolRescale` gives the same wherever a vanishing difference is
+    exactly zero, as ties between input and reference are; they differ below ``EPS·g/Δz``
+    otherwise.) The activation's full-size multipliers are never formed, and its output is
+    not kept.
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, fn: Callable, pool: Callable, z_ref: Tensor, y_ref: Tensor,
+                i_ref: Tensor) -> Tensor:  # fmt: skip
+        with torch.no_grad():
+            y, i = pool(fn(z))
+        ctx.fn = fn
+        ctx.save_for_backward(z, y, i, z_ref, y_ref, i_ref)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        z, y, i, z_ref, y_ref, i_ref = ctx.saved_tensors
+        n, c = z.shape[:2]
+        flat = (n, c, -1)
+        z_f, i_f, g = z.reshape(flat), i.reshape(flat), grad.reshape(flat)
+        zr_f = z_ref.reshape(z_ref.shape[0], c, -1).expand_as(z_f)
+        ir_f = i_ref.reshape(i_ref.shape[0], c, -1).expand_as(i_f)
+        delta = y.reshape(flat) - y_ref.reshape(y_ref.shape[0], c, -1)
+        won = _share(delta.clamp(min=0).mul_(g), z_f, zr_f, i_f, ctx.fn, g)
+        lost = _share(delta.clamp_(max=0).mul_(g), z_f, zr_f, ir_f, None, g)
+        result = torch.zeros_like(z_f).scatter_add_(2, i_f, won).scatter_add_(2, ir_f, lost)
+        return result.view_as(z), None, None, None, None, None
+
+
+def _share(part: Tensor, z: Tensor, z_ref: Tensor, at: Tensor, fn: Callable | None,
+           g: Tensor) -> Tensor:  # fmt: skip
+    """``part / (z − z')`` at the positions `at` (in place in `part`); where ``|z − z'| <
+    EPS``, ``g·f'(z)`` if `fn` is given, else 0."""
+    dz = z.gather(2, at).sub_(z_ref.gather(2, at))
+    if not bool(dz.abs().amin() < EPS):
+        return part.div_(dz)
+    small = _below_eps(dz)
+    part.mul_(1 - small).div_(dz.add_(small))
+    if fn is not None:
+        slope = _vjp(fn, z.gather(2, at), torch.ones_like(part))
+        part.addcmul_(small, slope.mul_(g))
+    return part
+
+
 def _below_eps(t: Tensor) -> Tensor:
     """1.0 where ``|t| < EPS``, else 0.0 (t's dtype)."""
     return t.abs().neg_().add_(EPS).sign_().clamp_(min=0)
@@ -169,16 +224,36 @@ def _vjp(fn: Callable, x: Tensor, grad: Tensor) -> Tensor:
     return g
 
 
+class _PairedLayer(torch.autograd.Function):
+    """A linear layer on the inputs and the references in one call (one pass over its
+    weights); the backward pass differentiates the inputs' rows alone."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, x_ref: Tensor, layer: Layer) -> tuple[Tensor, Tensor]:
+        n = x.shape[0]
+        both = layer(torch.cat([x, x_ref]))
+        y, y_ref = both[:n], both[n:]
+        ctx.layer = layer
+        ctx.save_for_backward(x)
+        ctx.mark_non_differentiable(y_ref)
+        return y, y_ref
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _: Tensor):
+        (x,) = ctx.saved_tensors
+        return ctx.layer.input_gradient(grad, x), None, None
+
+
 class _RecordReferences(Strategy):
     """The plain forward pass of the references, keeping every nonlinearity's input and output
-    (appended per chunk of reference rows), by graph node."""
+    by graph node."""
 
     def __init__(self) -> None:
-        self.records: dict[Any, list[tuple[Tensor, ...]]] = {}  # (x, y[, indices])
+        self.records: dict[Any, tuple[Tensor, ...]] = {}  # (x, y[, indices])
 
     def activation(self, step: Step, fn: Callable, x: Tensor) -> Tensor:
         y = fn(x)
-        self.records.setdefault(step.node, []).append((x, y))
+        self.records[step.node] = (x, y)
         return y
 
     def max_pool(self, step: Step, fn: Callable, x: Tensor) -> Tensor:
@@ -187,14 +262,18 @@ class _RecordReferences(Strategy):
         if indexed is None:
             return self.activation(step, fn, x)
         y, indices = indexed(x)
-        self.records.setdefault(step.node, []).append((x, y, indices))
+        self.records[step.node] = (x, y, indices)
         return y
 
-    def joined(self) -> dict[Any, tuple[Tensor, ...]]:
-        return {
-            step: tuple(torch.cat(part) if len(part) > 1 else part[0] for part in zip(*chunks_))
-            for step, chunks_ in self.records.items()
-        }
+
+def _joined(parts: Sequence[dict[Any, tuple[Tensor, ...]]]) -> dict[Any, tuple[Tensor, ...]]:
+    """Records of consecutive chunks of reference rows, as one."""
+    if len(parts) == 1:
+        return parts[0]
+    return {
+        node: tuple(torch.cat(values) for values in zip(*(part[node] for part in parts)))
+        for node in parts[0]
+    }
 
 
 class RescaleStrategy(Strategy):
@@ -207,6 +286,7 @@ class RescaleStrategy(Strategy):
         self.index: Tensor | None = None  # reference row of each input row; None: shared row
         self.rows = 0  # input rows of the current pass
         self.scratch = Scratch()
+        self.deferred: dict[Any, tuple] = {}  # pooling node → (y, x, fn, references)
 
     def _paired(self, step: Step, x: Tensor) -> tuple[Tensor, ...]:
         recorded = self.references[step.node]
@@ -226,13 +306,41 @@ class RescaleStrategy(Strategy):
     def activation(self, step: Step, fn: Callable, x: Tensor) -> Tensor:
         if not x.requires_grad:
             return fn(x)
-        return _Rescale.apply(x, fn, *self._paired(step, x), self.scratch)
+        paired = self._paired(step, x)
+        if step.pooled_by is not None:  # the pooling applies both rules (`_RescaleMaxPool`)
+            with torch.no_grad():
+                y = fn(x)
+            self.deferred[step.pooled_by] = (y, x, fn, paired)
+            return y
+        return _Rescale.apply(x, fn, *paired, self.scratch)
+
+    def paired_layer(
+        self, step: Step, layer: Layer, x: Tensor, x_ref: Tensor
+    ) -> tuple[Tensor, Tensor] | None:
+        """Inputs and references through a linear layer in one call, where its input gradient
+        is known; linear steps are exact for differences, so the references only ride along."""
+        if (
+            layer.transpose is None
+            or not x.requires_grad
+            or x_ref.requires_grad
+            or x.dim() < 2
+            or x.shape[1:] != x_ref.shape[1:]
+        ):
+            return None
+        return _PairedLayer.apply(x, x_ref, layer)
 
     def max_pool(self, step: Step, fn: Callable, x: Tensor) -> Tensor:
+        indexed = getattr(fn, "with_indices", None)
+        deferred = self.deferred.pop(step.node, None)
+        if deferred is not None and deferred[0] is x:  # the activation before it, not applied
+            _, z, activation, (z_ref, _) = deferred
+            paired = self._paired(step, z)
+            if indexed is not None and len(paired) == 3:
+                return _RescaleMaxPool.apply(z, activation, indexed, z_ref, *paired[1:])
+            x = _Rescale.apply(z, activation, *deferred[3], self.scratch)
         if not x.requires_grad:
             return fn(x)
         paired = self._paired(step, x)
-        indexed = getattr(fn, "with_indices", None)
         if indexed is not None and len(paired) == 3:
             return _IndexedMaxPoolRescale.apply(x, indexed, *paired)
         return _MaxPoolRescale.apply(x, fn, *paired[:2])
@@ -383,17 +491,47 @@ class _DeepLiftBase(Method):
         with torch.set_grad_enabled(grad), self.calling(xs):
             return output_tensor(graph.run(strategy, xs, keys))
 
-    def references(self, graph: Graph, refs: Sequence[Tensor], structure: Structure) -> References:
-        """Run the references once, without gradients, recording every nonlinearity; a
-        reference equal on every row (zeros, a number, one row) runs as that one row."""
+    def references(
+        self, graph: Graph, rows: Sequence[Tensor], shared: bool, structure: Structure
+    ) -> References:
+        """Run the reference rows on their own, without gradients, chunk by chunk, recording
+        every nonlinearity."""
+        parts, outputs = [], []
+        for s in chunks(int(rows[0].shape[0]), self.batch_size):
+            recorder = _RecordReferences()
+            chunk = [r[s] for r in rows]
+            outputs.append(self.run_graph(graph, recorder, chunk, structure, grad=False))
+            parts.append(recorder.records)
+        return References(_joined(parts), torch.cat(outputs), shared)
+
+    def first_pass(
+        self, graph: Graph, refs: Sequence[Tensor], structure: Structure,
+        xs: Sequence[Tensor], reference: Tensor,
+    ) -> tuple[References, RescaleStrategy, Tensor]:  # fmt: skip
+        """The references' pass and the first pass of input rows `xs` (requiring grad), whose
+        row i pairs with reference row `reference[i]`; returns the references, the Rescale
+        strategy (reusable for more input rows) and the model output on `xs`.
+
+        A reference equal on every row (zeros, a number, one row) runs as that one row. Where
+        the reference rows fit in one call with `xs` (`batch_size`), the two passes run in
+        lockstep and every linear layer runs once on both; otherwise the references run first,
+        on their own."""
         shared = all(bool((r == r[:1]).all()) for r in refs)
         rows = tuple(r[:1] for r in refs) if shared else tuple(refs)
-        recorder = _RecordReferences()
-        outputs = [
-            self.run_graph(graph, recorder, [r[s] for r in rows], structure, grad=False)
-            for s in chunks(int(rows[0].shape[0]), self.batch_size)
-        ]
-        return References(recorder.joined(), torch.cat(outputs), shared)
+        strategy = RescaleStrategy({})
+        strategy.index, strategy.rows = (None if shared else reference), int(xs[0].shape[0])
+        k = int(rows[0].shape[0])
+        if self.batch_size is None or strategy.rows + k <= self.batch_size:
+            recorder = _RecordReferences()
+            strategy.references = recorder.records  # filled step by step, just in time
+            keys = structure.keys if structure.kind == "dict" else None
+            with torch.enable_grad(), self.calling(xs):
+                output, ref_output = graph.run_lockstep(strategy, recorder, xs, rows, keys)
+            ready = References(recorder.records, output_tensor(ref_output), shared)
+            return ready, strategy, output_tensor(output)
+        ready = self.references(graph, rows, shared, structure)
+        strategy.references = ready.records
+        return ready, strategy, self.run_graph(graph, strategy, xs, structure, grad=True)
 
     def multipliers(
         self, ctx: Context, graph: Graph, refs: tuple[Tensor, ...], example: Tensor,
@@ -402,23 +540,27 @@ class _DeepLiftBase(Method):
         """DeepLIFT for the pairs (input row `example[i]`, reference row `reference[i]`), built
         chunk by chunk of `batch_size` input rows: the contributions ``(x − x') ⊙ m`` summed
         per input example, and the target's value at each pair's reference. `first` is the
-        `(References, rows, output)` of the pipeline's pass when it already ran one (see
-        `live_forward`)."""
+        `(References, RescaleStrategy, rows, output)` of the pipeline's pass when it already
+        ran one (see `live_forward`)."""
         if self.rule == "reveal_cancel":
             return self._reveal_cancel(ctx, graph, refs, example, reference)
         pairs = int(example.shape[0])
         totals = tuple(torch.zeros_like(x) for x in ctx.inputs)
         f_ref = torch.empty(pairs, dtype=torch.float64, device=ctx.device)
-        ready = self.references(graph, refs, ctx.structure) if first is None else first[0]
-        strategy = RescaleStrategy(ready.records)
+        ready: References | None = None
+        if first is not None:
+            ready, strategy, xs, output = first
         for s in chunks(pairs, self.batch_size):
             e, r = example[s], reference[s]
-            strategy.index, strategy.rows = (None if ready.shared else r), len(e)
-            if first is None:
-                xs = tuple(x[e].detach().requires_grad_(True) for x in ctx.inputs)
-                output = self.run_graph(graph, strategy, xs, ctx.structure, grad=True)
+            if first is not None:
+                first = None  # the pipeline's pass is this first chunk
             else:
-                (_, xs, output), first = first, None
+                xs = tuple(x[e].detach().requires_grad_(True) for x in ctx.inputs)
+                if ready is None:
+                    ready, strategy, output = self.first_pass(graph, refs, ctx.structure, xs, r)
+                else:
+                    strategy.index, strategy.rows = (None if ready.shared else r), len(e)
+                    output = self.run_graph(graph, strategy, xs, ctx.structure, grad=True)
             with torch.enable_grad():
                 values = ctx.target.select(output, e)
                 if not values.requires_grad:
@@ -498,14 +640,10 @@ class DeepLift(_DeepLiftBase):
         model's output on the inputs, so the pipeline needs no forward pass of its own."""
         graph = self.graph()
         refs = resolve_baselines(baselines, xs, structure)
-        ready = self.references(graph, refs, structure)
-        strategy = RescaleStrategy(ready.records)
-        n = int(xs[0].shape[0])
-        strategy.index = None if ready.shared else torch.arange(n, device=xs[0].device)
-        strategy.rows = n
         rows = tuple(x.detach().requires_grad_(True) for x in xs)
-        output = self.run_graph(graph, strategy, rows, structure, grad=True)
-        return Live(rows, output, (graph, refs, (ready, rows, output)))
+        index = torch.arange(int(xs[0].shape[0]), device=xs[0].device)
+        ready, strategy, output = self.first_pass(graph, refs, structure, rows, index)
+        return Live(rows, output, (graph, refs, (ready, strategy, rows, output)))
 
     def attribute(self, ctx: Context, baselines: Any = None) -> Attribution:
         live = ctx.take_live(self)

@@ -141,9 +141,11 @@ class Layer:
         bias: Tensor | None,
         scale: Tensor | None = None,
         shift: Tensor | None = None,
+        transpose: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
     ) -> None:
         self.fn, self.raw, self.raw_bias = fn, weight, bias
         self.scale, self.shift = scale, shift
+        self.transpose = transpose  # (grad, x, weight) ↦ the input gradient of fn(·, weight)
         self._weight = None if scale is not None else weight
         self._bias = None if scale is not None else bias
 
@@ -187,13 +189,22 @@ class Layer:
             return self.scaled(x, None, self.shift)
         return self.fn(x, self.weight, self.bias)
 
+    def input_gradient(self, grad: Tensor, x: Tensor) -> Tensor:
+        """The vector–Jacobian product of the layer at x (it is linear: x only gives the
+        shape); needs `transpose`."""
+        if self.scale is not None:
+            grad = grad * self.scale.view((1, -1) + (1,) * (grad.dim() - 2))
+        return self.transpose(grad, x, self.raw)
+
 
 def module_layer(module: nn.Module) -> Layer:
     """The `Layer` of a linear/conv module (weights read, never written)."""
     if isinstance(module, nn.Linear):
-        return Layer(_linear, module.weight, module.bias)
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return Layer(module._conv_forward, module.weight, module.bias)
+        return Layer(_linear, module.weight, module.bias, transpose=_linear_transpose)
+    if isinstance(module, _CONVOLUTIONS):
+        return Layer(
+            module._conv_forward, module.weight, module.bias, transpose=_conv_transpose(module)
+        )
 
     def call(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
         params = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
@@ -206,6 +217,34 @@ def module_layer(module: nn.Module) -> Layer:
 
 def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return F.linear(x, weight, bias)
+
+
+def _linear_transpose(grad: Tensor, x: Tensor, weight: Tensor) -> Tensor:
+    return grad.matmul(weight)
+
+
+_CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _conv_transpose(module: nn.Module) -> Callable[[Tensor, Tensor, Tensor], Tensor] | None:
+    """The input gradient of a convolution with zero padding given as numbers (None for
+    padding modes or ``padding='same'``, which the convolution's own autograd handles). The
+    input itself is passed, as autograd does (a stand-in of its shape alone makes the kernel
+    copy it, at twice the cost)."""
+    if module.padding_mode != "zeros" or isinstance(module.padding, str):
+        return None
+    stride, padding, dilation, groups = (
+        list(module.stride), list(module.padding), list(module.dilation), module.groups
+    )  # fmt: skip
+    output_padding = [0] * len(stride)
+
+    def transpose(grad: Tensor, x: Tensor, weight: Tensor) -> Tensor:
+        return torch.ops.aten.convolution_backward(
+            grad, x, weight, None, stride, padding, dilation, False, output_padding, groups,
+            (True, False, False),
+        )[0]  # fmt: skip
+
+    return transpose
 
 
 def batchnorm_affine(module: nn.Module) -> tuple[Tensor, Tensor]:
@@ -233,6 +272,7 @@ class Step:
     module: nn.Module | None = None
     first: bool = False
     output_layer: bool = False
+    pooled_by: fx.Node | None = None  # an activation read only by this max pooling
 
 
 def _trace(model: nn.Module) -> tuple[fx.Graph, dict[str, Any]]:
@@ -360,6 +400,7 @@ class Graph:
             self.steps.append(step)
         self._refuse_lost_mutations()
         self._mark_output_layer()
+        self._mark_pooled_activations()
 
     def _refuse_lost_mutations(self) -> None:
         """Every operation runs out of place here, which is exact where the tensor an in-place
@@ -452,6 +493,18 @@ class Graph:
             elif step.kind in ("structural", "batchnorm"):
                 frontier.extend(step.node.all_input_nodes)
 
+    def _mark_pooled_activations(self) -> None:
+        """Activations whose only reader is a max pooling, as its pooled input (DeepLIFT
+        applies the two rules at once, at the pooled size)."""
+        by_node = {s.node: s for s in self.steps}
+        for step in self.steps:
+            users = list(step.node.users)
+            if step.kind != "activation" or len(users) != 1:
+                continue
+            pool = by_node[users[0]]
+            if pool.kind == "max_pool" and pool.node.args and pool.node.args[0] is step.node:
+                step.pooled_by = pool.node
+
     def _unsupported(self, step: Step, what: str, fix: str | None = None) -> UnsupportedModelError:
         fix = fix or (
             "Rewrite it with supported operations, or declare it with "
@@ -505,6 +558,54 @@ class Graph:
                 return fx.node.map_arg(node.args[0], lambda n: env[n])
             args = fx.node.map_arg(node.args, lambda n: env[n])
             kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
+            env[node] = self._evaluate(step, strategy, args, kwargs)
+        raise UnsupportedModelError("The traced model has no output.")
+
+    def run_lockstep(
+        self,
+        strategy: Strategy,
+        reference: Strategy,
+        inputs: Sequence[Tensor],
+        references: Sequence[Tensor],
+        keys: Sequence[str] | None = None,
+    ) -> tuple[Any, Any]:
+        """`run` on `inputs` with `strategy` and on `references` (without gradients) with
+        `reference`, step by step and the references first, so that each step of the inputs
+        finds what `reference` kept of the same step. A linear step runs both in one call
+        where `strategy.paired_layer` can: one pass over its weights instead of two."""
+        env: dict[fx.Node, Any] = {}
+        env_ref: dict[fx.Node, Any] = {}
+        positional, positional_ref = iter(inputs), iter(references)
+        named = dict(zip(keys, inputs)) if keys is not None else None
+        named_ref = dict(zip(keys, references)) if keys is not None else None
+        for step in self.steps:
+            node = step.node
+            if node.op == "placeholder":
+                env[node] = self._placeholder(node, positional, named)
+                env_ref[node] = self._placeholder(node, positional_ref, named_ref)
+                continue
+            if node.op == "output":
+                return (
+                    fx.node.map_arg(node.args[0], lambda n: env[n]),
+                    fx.node.map_arg(node.args[0], lambda n: env_ref[n]),
+                )
+            args = fx.node.map_arg(node.args, lambda n: env[n])
+            args_ref = fx.node.map_arg(node.args, lambda n: env_ref[n])
+            layer = self.layers.get(step.path) if step.kind == "linear" else None
+            module = step.module
+            if (
+                layer is not None
+                and not node.kwargs
+                and (module is None or not (module._forward_pre_hooks or module._forward_hooks))
+            ):
+                pair = strategy.paired_layer(step, layer, args[0], args_ref[0])
+                if pair is not None:
+                    env[node], env_ref[node] = pair
+                    continue
+            kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
+            kwargs_ref = fx.node.map_arg(node.kwargs, lambda n: env_ref[n])
+            with torch.no_grad():
+                env_ref[node] = self._evaluate(step, reference, args_ref, kwargs_ref)
             env[node] = self._evaluate(step, strategy, args, kwargs)
         raise UnsupportedModelError("The traced model has no output.")
 
@@ -717,6 +818,13 @@ class Strategy:
 
     def layer(self, step: Step, layer: Layer, x: Tensor) -> Tensor:
         return layer(x)
+
+    def paired_layer(
+        self, step: Step, layer: Layer, x: Tensor, x_ref: Tensor
+    ) -> tuple[Tensor, Tensor] | None:
+        """`layer` on the inputs and the references together (see `Graph.run_lockstep`), or
+        None to run them apart."""
+        return None
 
     def affine(self, step: Step, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
         return fn(x)
