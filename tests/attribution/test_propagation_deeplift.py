@@ -383,13 +383,17 @@ def test_the_lockstep_pass_equals_separate_reference_passes(baselines, monkeypat
     def explain(**options):
         return lumos.explain(model, x, method=method, target=[0, 2, 1], baselines=refs, **options)
 
+    by_default = explain()  # pairs where the weights outweigh the inputs
+    assert len(paired) < 6 and (len(paired) > 0 or baselines == "background")
+    monkeypatch.setattr(module, "_worth_pairing", lambda layer, x: True)
+    paired.clear()
     together = explain()
     assert len(paired) == 6  # all but the reflect-padded and 'same' convolutions
     bounded = explain(batch_size=2)  # chunks of 2 rows cannot carry the references too
     assert len(paired) == 6
     monkeypatch.setattr(module.RescaleStrategy, "paired_layer", lambda *a: None)
     apart = explain()
-    for exp in (together, bounded):
+    for exp in (by_default, together, bounded):
         torch.testing.assert_close(exp.attributions, apart.attributions, rtol=1e-10, atol=1e-13)
         assert exp.delta.abs().max() < 1e-10
 

@@ -244,6 +244,12 @@ class _PairedLayer(torch.autograd.Function):
         return ctx.layer.input_gradient(grad, x), None, None
 
 
+def _worth_pairing(layer: Layer, x: Tensor) -> bool:
+    """Whether a layer's weights outweigh its inputs, so that one pass over the weights saved
+    pays for copying the inputs next to the references."""
+    return layer.raw.numel() >= x.numel()
+
+
 class _RecordReferences(Strategy):
     """The plain forward pass of the references, keeping every nonlinearity's input and output
     by graph node."""
@@ -318,13 +324,16 @@ class RescaleStrategy(Strategy):
         self, step: Step, layer: Layer, x: Tensor, x_ref: Tensor
     ) -> tuple[Tensor, Tensor] | None:
         """Inputs and references through a linear layer in one call, where its input gradient
-        is known; linear steps are exact for differences, so the references only ride along."""
+        is known and pairing pays (`_worth_pairing`: the deep layers of a small batch); linear
+        steps are exact for differences, so the references only ride along."""
         if (
             layer.transpose is None
             or not x.requires_grad
             or x_ref.requires_grad
             or x.dim() < 2
             or x.shape[1:] != x_ref.shape[1:]
+            or x.dtype != x_ref.dtype
+            or not _worth_pairing(layer, x)
         ):
             return None
         return _PairedLayer.apply(x, x_ref, layer)
