@@ -241,6 +241,26 @@ class CountingModel(torch.nn.Module):
         return self.linear(x)
 
 
+class MixedBuffers(torch.nn.Module):
+    """Buffers of several dtypes and a shared one; the forward changes an integer counter and
+    one float element, and leaves the rest alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 3)
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("scale", torch.ones(4, dtype=torch.float64))
+        self.register_buffer("mask", torch.ones(4, dtype=torch.bool))
+        self.register_buffer("offset", torch.zeros(2, 2))
+        self.inner = torch.nn.Module()
+        self.inner.register_buffer("offset", self.offset)  # the same tensor, twice
+
+    def forward(self, x):
+        self.steps += 1
+        self.offset[1, 0] = 7.0
+        return self.linear(x * self.scale.float() * self.mask)
+
+
 class BatchStatistics(torch.nn.Module):
     """An eval-mode layer that normalises with batch statistics and updates its running ones
     (a fused kernel: the buffers change without a version bump)."""
@@ -272,7 +292,9 @@ class ReshapingBuffers(torch.nn.Module):
         return self.linear(x)
 
 
-@pytest.mark.parametrize("model_class", [CountingModel, BatchStatistics, ReshapingBuffers])
+@pytest.mark.parametrize(
+    "model_class", [CountingModel, MixedBuffers, BatchStatistics, ReshapingBuffers]
+)
 def test_buffers_an_eval_mode_model_writes_to_are_restored(model_class):
     model = model_class().eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
