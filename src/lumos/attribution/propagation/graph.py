@@ -249,13 +249,13 @@ def _conv_transpose(module: nn.Module) -> Callable[[Tensor, Tensor, Tensor], Ten
 
 def batchnorm_affine(module: nn.Module) -> tuple[Tensor, Tensor]:
     """The per-channel scale and shift of an eval-mode BatchNorm: ``y = scale·x + shift``."""
-    scale = torch.rsqrt(module.running_var + module.eps)
-    if module.weight is not None:
-        scale = scale * module.weight
-    shift = -module.running_mean * scale
-    if module.bias is not None:
-        shift = shift + module.bias
-    return scale.detach(), shift.detach()
+    with torch.no_grad():
+        scale = torch.add(module.running_var, module.eps).rsqrt_()
+        if module.weight is not None:
+            scale.mul_(module.weight)
+        if module.bias is not None:
+            return scale, torch.addcmul(module.bias, module.running_mean, scale, value=-1)
+        return scale, module.running_mean * -scale
 
 
 # -- the graph -----------------------------------------------------------------------------------
