@@ -232,7 +232,9 @@ class _PairedLayer(torch.autograd.Function):
     def forward(ctx, x: Tensor, x_ref: Tensor, layer: Layer) -> tuple[Tensor, Tensor]:
         n = x.shape[0]
         both = layer(torch.cat([x, x_ref]))
-        y, y_ref = both[:n], both[n:]
+        # (the references' rows are copied out: the records keep them for later chunks, and a
+        # view would keep this chunk's rows alive with them)
+        y, y_ref = both[:n], both[n:].clone()
         ctx.layer = layer
         ctx.save_for_backward(x)
         ctx.mark_non_differentiable(y_ref)
