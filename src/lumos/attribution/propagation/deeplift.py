@@ -1,15 +1,17 @@
 """DeepLIFT (Rescale and RevealCancel rules) and DeepLIFT-SHAP on the traced graph.
 
-Rescale: the model first runs on the references alone, without gradients, recording the input
-and output of every nonlinearity; then it runs on the inputs with gradients, and every
-nonlinearity's backward uses the multiplier ``Δy/Δx`` against its recorded reference values
-instead of its derivative, while linear steps (layers, BatchNorm, sums, average pooling,
-reshapes) keep their gradient, which is exact for differences. Only the inputs are
-back-propagated (the references would carry the same multipliers), and a baseline shared by
-all examples (zeros, a number, one reference row) is run once, not once per example: DeepLIFT
-costs about one gradient plus a forward pass of the references. Max pooling uses the DeepLIFT
-max-pool rule (as in Captum): the output difference is split between the positions that win
-for the input and for the reference. The RevealCancel rule (`rule="reveal_cancel"`) runs
+Rescale: the model runs on the inputs with gradients and, step by step alongside, on the
+references without gradients (`Graph.run_lockstep`), keeping every nonlinearity's reference
+input and output; each nonlinearity's backward uses the multiplier ``Δy/Δx`` against those
+reference values instead of its derivative, while linear steps (layers, BatchNorm, sums,
+average pooling, reshapes) keep their gradient, which is exact for differences. Only the inputs
+are back-propagated (the references would carry the same multipliers), a baseline shared by all
+examples (zeros, a number, one reference row) runs as one row, and a layer whose weights
+outweigh its inputs runs once on inputs and references together: DeepLIFT costs about one
+gradient plus a forward pass of the reference rows. Max pooling uses the DeepLIFT max-pool rule
+(as in Captum): the output difference is split between the positions that win for the input
+and for the reference; an activation read only by a max pooling (conv → ReLU → pool) takes both
+rules at once at the pooled size. The RevealCancel rule (`rule="reveal_cancel"`) runs
 ``[x'; Δ⁺; Δ⁻]`` instead and keeps positive and negative differences apart through every
 linear step.
 """
