@@ -398,10 +398,11 @@ def test_the_lockstep_pass_equals_separate_reference_passes(baselines, monkeypat
         assert exp.delta.abs().max() < 1e-10
 
 
-@pytest.mark.parametrize("activation", [nn.PReLU, nn.Sigmoid, nn.ELU])
+@pytest.mark.parametrize("activation", [nn.ReLU, nn.PReLU, nn.Sigmoid, nn.ELU])
 def test_any_activation_read_by_a_max_pooling_takes_both_rules_at_once(activation, monkeypatch):
     """The pooled-size rule (`_RescaleMaxPool`) holds for any elementwise activation, channel
-    parameters included, ties with the reference included."""
+    parameters included, ties with the reference included; a ReLU pools its input first (the
+    winners differ in windows whose maximum is ≤ 0, which receive nothing either way)."""
     from lumos.attribution.propagation import graph
 
     torch.manual_seed(1)

@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from lumos.attribution.baselines import background_set, resolve_baselines
 from lumos.attribution.propagation.canonizers import MergeBatchNorm
@@ -172,38 +174,60 @@ class _RescaleMaxPool(torch.autograd.Function):
     followed by `_IndexedMaxPoolRescale` gives the same wherever a vanishing difference is
     exactly zero, as ties between input and reference are; they differ below ``EPS·g/Δz``
     otherwise.) The activation's full-size multipliers are never formed, and its output is
-    not kept.
+    not kept. A ReLU (`relu`) is not even applied at full size: max pooling and ReLU commute,
+    so the pooling runs on z and the ReLU on its maxima, whose z values are then at hand; the
+    winners differ only in windows whose maximum is ≤ 0, where the input's winner receives
+    nothing whichever position wins (Δ ≤ 0 there, and f' = 0).
     """
 
     @staticmethod
     def forward(ctx, z: Tensor, fn: Callable, pool: Callable, z_ref: Tensor, y_ref: Tensor,
-                i_ref: Tensor) -> Tensor:  # fmt: skip
+                i_ref: Tensor, relu: bool) -> Tensor:  # fmt: skip
         with torch.no_grad():
-            y, i = pool(fn(z))
+            if relu:
+                z_won, i = pool(z)
+                y = fn(z_won)
+            else:
+                (y, i), z_won = pool(fn(z)), None
         ctx.fn = fn
-        ctx.save_for_backward(z, y, i, z_ref, y_ref, i_ref)
+        ctx.save_for_backward(z, y, i, z_ref, y_ref, i_ref, z_won)
         return y
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        z, y, i, z_ref, y_ref, i_ref = ctx.saved_tensors
+        z, y, i, z_ref, y_ref, i_ref, z_won = ctx.saved_tensors
         n, c = z.shape[:2]
         flat = (n, c, -1)
         z_f, i_f, g = z.reshape(flat), i.reshape(flat), grad.reshape(flat)
-        zr_f = z_ref.reshape(z_ref.shape[0], c, -1).expand_as(z_f)
-        ir_f = i_ref.reshape(i_ref.shape[0], c, -1).expand_as(i_f)
+        zr_k = z_ref.reshape(z_ref.shape[0], c, -1)  # one row when the reference is shared
+        ir_k = i_ref.reshape(i_ref.shape[0], c, -1)
+        ir_f = ir_k.expand_as(i_f)
         delta = y.reshape(flat) - y_ref.reshape(y_ref.shape[0], c, -1)
-        won = _share(delta.clamp(min=0).mul_(g), z_f, zr_f, i_f, ctx.fn, g)
-        lost = _share(delta.clamp_(max=0).mul_(g), z_f, zr_f, ir_f, None, g)
+        # z' at the input's winners differs by row; at the reference's own winners it is the
+        # reference's pooled pre-activation, gathered once per reference row
+        z_won = z_f.gather(2, i_f) if z_won is None else z_won.reshape(flat)
+        dz_won = torch.sub(z_won, zr_k.expand_as(z_f).gather(2, i_f))
+        dz_lost = z_f.gather(2, ir_f).sub_(zr_k.gather(2, ir_k))
+        won = _share(delta.clamp(min=0).mul_(g), dz_won, z_f, i_f, ctx.fn, g)
+        lost = _share(delta.clamp_(max=0).mul_(g), dz_lost, z_f, ir_f, None, g)
         result = torch.zeros_like(z_f).scatter_add_(2, i_f, won).scatter_add_(2, ir_f, lost)
-        return result.view_as(z), None, None, None, None, None
+        return result.view_as(z), None, None, None, None, None, None
 
 
-def _share(part: Tensor, z: Tensor, z_ref: Tensor, at: Tensor, fn: Callable | None,
+_RELUS = {F.relu, F.relu_, torch.relu, torch.relu_, "relu", "relu_"}
+
+
+def _is_relu(step: Step) -> bool:
+    """Whether a step is exactly a ReLU (a module subclass may change its forward)."""
+    if step.node.op == "call_module":
+        return type(step.module) is nn.ReLU
+    return step.node.target in _RELUS
+
+
+def _share(part: Tensor, dz: Tensor, z: Tensor, at: Tensor, fn: Callable | None,
            g: Tensor) -> Tensor:  # fmt: skip
-    """``part / (z − z')`` at the positions `at` (in place in `part`); where ``|z − z'| <
-    EPS``, ``g·f'(z)`` if `fn` is given, else 0."""
-    dz = z.gather(2, at).sub_(z_ref.gather(2, at))
+    """``part / dz`` (in place in `part`; dz is ``z − z'`` at the positions `at`); where
+    ``|dz| < EPS``, ``g·f'(z)`` if `fn` is given, else 0."""
     if not bool(dz.abs().amin() < EPS):
         return part.div_(dz)
     small = _below_eps(dz)
@@ -296,7 +320,7 @@ class RescaleStrategy(Strategy):
         self.index: Tensor | None = None  # reference row of each input row; None: shared row
         self.rows = 0  # input rows of the current pass
         self.scratch = Scratch()
-        self.deferred: dict[Any, tuple] = {}  # pooling node → (y, x, fn, references)
+        self.deferred: dict[Any, tuple] = {}  # pooling → (y, x, fn, references, relu)
 
     def _paired(self, step: Step, x: Tensor) -> tuple[Tensor, ...]:
         recorded = self.references[step.node]
@@ -318,9 +342,15 @@ class RescaleStrategy(Strategy):
             return fn(x)
         paired = self._paired(step, x)
         if step.pooled_by is not None:  # the pooling applies both rules (`_RescaleMaxPool`)
-            with torch.no_grad():
-                y = fn(x)
-            self.deferred[step.pooled_by] = (y, x, fn, paired)
+            # a ReLU is applied after the pooling there: x stands in for its output meanwhile
+            # (only the pooling reads it, unless a hook on the ReLU wants to see it)
+            relu = _is_relu(step) and not (step.module is not None and step.module._forward_hooks)
+            if relu:
+                y = x
+            else:
+                with torch.no_grad():
+                    y = fn(x)
+            self.deferred[step.pooled_by] = (y, x, fn, paired, relu)
             return y
         return _Rescale.apply(x, fn, *paired, self.scratch)
 
@@ -346,10 +376,10 @@ class RescaleStrategy(Strategy):
         indexed = getattr(fn, "with_indices", None)
         deferred = self.deferred.pop(step.node, None)
         if deferred is not None and deferred[0] is x:  # the activation before it, not applied
-            _, z, activation, (z_ref, _) = deferred
+            _, z, activation, (z_ref, _), relu = deferred
             paired = self._paired(step, z)
             if indexed is not None and len(paired) == 3:
-                return _RescaleMaxPool.apply(z, activation, indexed, z_ref, *paired[1:])
+                return _RescaleMaxPool.apply(z, activation, indexed, z_ref, *paired[1:], relu)
             x = _Rescale.apply(z, activation, *deferred[3], self.scratch)
         if not x.requires_grad:
             return fn(x)
