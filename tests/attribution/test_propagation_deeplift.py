@@ -425,6 +425,101 @@ def test_any_activation_read_by_a_max_pooling_takes_both_rules_at_once(activatio
     assert fused.delta.abs().max() < 1e-10
 
 
+class Floored(nn.Module):
+    """A registered activation whose bound argument has the layout of its input (a per-channel
+    floor of shape (1, C, 1, 1)), read only by a max pooling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.register_buffer("floor", torch.linspace(-0.5, 0.5, 4).view(1, 4, 1, 1))
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(4 * 9, 2)
+
+    def forward(self, x):
+        return self.fc(self.pool(torch.clamp(self.conv(x), min=self.floor)).flatten(1))
+
+
+def test_a_pooled_activation_that_depends_on_its_layout_takes_its_derivative_in_place(
+    monkeypatch,
+):
+    """Vanishing differences at the winners take the activation's derivative, computed on the
+    activation's own input (not on the gathered winners, whose layout it may not accept)."""
+    from lumos.attribution.propagation import graph
+
+    monkeypatch.setitem(graph._EXTRA, torch.clamp, "activation")
+    torch.manual_seed(0)
+    model = Floored().double().eval()
+    x = torch.randn(3, 3, 6, 6, dtype=torch.float64)
+    ref = x.clone()
+    ref[1], ref[2, :, 3:] = 0.0, 0.0  # row 0 equals its baseline; row 2 half of it
+    exp = deeplift(model, x, [0, 1, 1], baselines=ref)
+    rows = torch.arange(3)
+    expected = model(x)[rows, [0, 1, 1]] - model(ref)[rows, [0, 1, 1]]
+    torch.testing.assert_close(exp.attributions.flatten(1).sum(1), expected.detach())
+    assert exp.delta.abs().max() < 1e-10
+
+
+def test_hooks_around_a_pooled_relu_see_what_the_model_computes():
+    """A ReLU read by a max pooling is applied after it only where no hook would notice: a
+    hook on the pooling sees the ReLU's output, and the ReLU never runs on pooled values."""
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(4 * 16, 3),
+    ).double().eval()  # fmt: skip
+    seen = {"relu": [], "pool": []}
+    model[1].register_forward_pre_hook(lambda m, a: seen["relu"].append(tuple(a[0].shape)))
+    model[2].register_forward_pre_hook(lambda m, a: seen["pool"].append(float(a[0].min())))
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    exp = deeplift(model, x, [0, 2])
+    assert seen["relu"] and all(shape[1:] == (4, 8, 8) for shape in seen["relu"])
+    assert seen["pool"] and min(seen["pool"]) >= 0.0
+    assert exp.delta.abs().max() < 1e-10
+
+
+def test_a_functional_layer_whose_path_is_a_modules_uses_its_own_weights():
+    """`F.linear(x, self.w)` inside a block that also holds a module named `linear` traces to
+    the same path as that module; each must keep its own weights."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(6, 6))
+            self.linear = nn.Linear(6, 6)
+
+        def forward(self, x):
+            return self.linear(F.relu(F.linear(x, self.w)))
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block, self.out = Block(), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.out(F.relu(self.block(x)))
+
+    torch.manual_seed(0)
+    model = Net().double().eval()
+    x = torch.randn(3, 6, dtype=torch.float64)
+    rows, target = torch.arange(3), [0, 1, 0]
+    expected = model(x)[rows, target] - model(torch.zeros_like(x))[rows, target]
+    for method in ("deeplift", "lrp"):
+        options = {"composite": "epsilon", "epsilon": 1e-12} if method == "lrp" else {}
+        exp = lumos.explain(model, x, method=method, target=target, **options)
+        if method == "deeplift":
+            total = exp.attributions.sum(1)
+            torch.testing.assert_close(total, expected.detach())
+        else:  # bias-free check is not possible here; outputs must be the model's own
+            torch.testing.assert_close(exp.outputs, model(x).detach())
+
+
+def test_a_max_pooling_that_returns_its_indices_is_refused_by_name():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(2, return_indices=True))
+    with pytest.raises(lumos.LumosError, match="return_indices"):
+        deeplift(model, torch.rand(1, 3, 8, 8), 0)
+
+
 # -- RevealCancel --------------------------------------------------------------------------------
 
 

@@ -182,14 +182,15 @@ class _RescaleMaxPool(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z: Tensor, fn: Callable, pool: Callable, z_ref: Tensor, y_ref: Tensor,
-                i_ref: Tensor, relu: bool) -> Tensor:  # fmt: skip
+                i_ref: Tensor, a: Tensor | None) -> Tensor:  # fmt: skip
+        """`a` is the activation's output f(z), or None for a ReLU, pooled first."""
         with torch.no_grad():
-            if relu:
+            if a is None:
                 z_won, i = pool(z)
-                y = fn(z_won)
+                y = torch.relu(z_won)
             else:
-                (y, i), z_won = pool(fn(z)), None
-        ctx.fn = fn
+                (y, i), z_won = pool(a), None
+        ctx.fn = torch.relu if a is None else fn
         ctx.save_for_backward(z, y, i, z_ref, y_ref, i_ref, z_won)
         return y
 
@@ -208,8 +209,8 @@ class _RescaleMaxPool(torch.autograd.Function):
         z_won = z_f.gather(2, i_f) if z_won is None else z_won.reshape(flat)
         dz_won = torch.sub(z_won, zr_k.expand_as(z_f).gather(2, i_f))
         dz_lost = z_f.gather(2, ir_f).sub_(zr_k.gather(2, ir_k))
-        won = _share(delta.clamp(min=0).mul_(g), dz_won, z_f, i_f, ctx.fn, g)
-        lost = _share(delta.clamp_(max=0).mul_(g), dz_lost, z_f, ir_f, None, g)
+        won = _share(delta.clamp(min=0).mul_(g), dz_won, z, i_f, ctx.fn, g)
+        lost = _share(delta.clamp_(max=0).mul_(g), dz_lost, z, ir_f, None, g)
         result = torch.zeros_like(z_f).scatter_add_(2, i_f, won).scatter_add_(2, ir_f, lost)
         return result.view_as(z), None, None, None, None, None, None
 
@@ -224,17 +225,26 @@ def _is_relu(step: Step) -> bool:
     return step.node.target in _RELUS
 
 
+def _hook_free(*modules: nn.Module | None) -> bool:
+    """Whether no forward hook (global, or on these modules) would see the tensors."""
+    for name in ("_global_forward_hooks", "_global_forward_pre_hooks"):
+        if getattr(nn.modules.module, name, None):
+            return False
+    return all(m is None or not (m._forward_hooks or m._forward_pre_hooks) for m in modules)
+
+
 def _share(part: Tensor, dz: Tensor, z: Tensor, at: Tensor, fn: Callable | None,
            g: Tensor) -> Tensor:  # fmt: skip
-    """``part / dz`` (in place in `part`; dz is ``z − z'`` at the positions `at`); where
-    ``|dz| < EPS``, ``g·f'(z)`` if `fn` is given, else 0."""
+    """``part / dz`` (in place in `part`; dz is ``z − z'`` at the flat positions `at` of each
+    (example, channel) plane of z); where ``|dz| < EPS``, ``g·f'(z)`` if `fn` is given,
+    else 0."""
     if not bool(dz.abs().amin() < EPS):
         return part.div_(dz)
     small = _below_eps(dz)
     part.mul_(1 - small).div_(dz.add_(small))
-    if fn is not None:
-        slope = _vjp(fn, z.gather(2, at), torch.ones_like(part))
-        part.addcmul_(small, slope.mul_(g))
+    if fn is not None:  # (the derivative in z's own layout: f may depend on it)
+        slope = _vjp(fn, z, torch.ones_like(z)).reshape(part.shape[0], part.shape[1], -1)
+        part.addcmul_(small, slope.gather(2, at).mul_(g))
     return part
 
 
@@ -342,15 +352,15 @@ class RescaleStrategy(Strategy):
             return fn(x)
         paired = self._paired(step, x)
         if step.pooled_by is not None:  # the pooling applies both rules (`_RescaleMaxPool`)
-            # a ReLU is applied after the pooling there: x stands in for its output meanwhile
-            # (only the pooling reads it, unless a hook on the ReLU wants to see it)
-            relu = _is_relu(step) and not (step.module is not None and step.module._forward_hooks)
+            # a ReLU is applied after the pooling there, and x stands in for its output
+            # meanwhile: only the pooling reads it, where no hook is there to see it
+            relu = _is_relu(step) and _hook_free(step.module, step.pooled_by.module)
             if relu:
                 y = x
             else:
                 with torch.no_grad():
                     y = fn(x)
-            self.deferred[step.pooled_by] = (y, x, fn, paired, relu)
+            self.deferred[step.pooled_by.node] = (y, x, fn, paired, relu)
             return y
         return _Rescale.apply(x, fn, *paired, self.scratch)
 
@@ -376,10 +386,11 @@ class RescaleStrategy(Strategy):
         indexed = getattr(fn, "with_indices", None)
         deferred = self.deferred.pop(step.node, None)
         if deferred is not None and deferred[0] is x:  # the activation before it, not applied
-            _, z, activation, (z_ref, _), relu = deferred
+            a, z, activation, (z_ref, _), relu = deferred
             paired = self._paired(step, z)
             if indexed is not None and len(paired) == 3:
-                return _RescaleMaxPool.apply(z, activation, indexed, z_ref, *paired[1:], relu)
+                a = None if relu else a
+                return _RescaleMaxPool.apply(z, activation, indexed, z_ref, *paired[1:], a)
             x = _Rescale.apply(z, activation, *deferred[3], self.scratch)
         if not x.requires_grad:
             return fn(x)

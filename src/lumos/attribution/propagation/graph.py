@@ -272,7 +272,7 @@ class Step:
     module: nn.Module | None = None
     first: bool = False
     output_layer: bool = False
-    pooled_by: fx.Node | None = None  # an activation read only by this max pooling
+    pooled_by: Step | None = None  # an activation read only by this max pooling
 
 
 def _trace(model: nn.Module) -> tuple[fx.Graph, dict[str, Any]]:
@@ -442,6 +442,12 @@ class Graph:
             elif isinstance(module, ACTIVATION_MODULES):
                 step.kind = "activation"
             elif isinstance(module, MAX_POOL_MODULES):
+                if getattr(module, "return_indices", False):
+                    raise self._unsupported(
+                        step, "a max pooling that returns its indices (return_indices=True)",
+                        "Return the pooled values alone for the explanation (e.g. a flag "
+                        "that turns return_indices off), or use 'integrated_gradients'",
+                    )  # fmt: skip
                 step.kind = "max_pool"
             elif isinstance(module, AVG_POOL_MODULES):
                 step.kind = "avg_pool"
@@ -493,6 +499,13 @@ class Graph:
             elif step.kind in ("structural", "batchnorm"):
                 frontier.extend(step.node.all_input_nodes)
 
+    def _module_layer(self, step: Step) -> Layer | None:
+        """The (canonized) `Layer` of a linear module's step; None for functional layers,
+        whose weights are arguments (a functional step's path may equal a module's)."""
+        if step.kind != "linear" or step.node.op != "call_module":
+            return None
+        return self.layers.get(step.path)
+
     def _mark_pooled_activations(self) -> None:
         """Activations whose only reader is a max pooling, as its pooled input (DeepLIFT
         applies the two rules at once, at the pooled size)."""
@@ -503,7 +516,7 @@ class Graph:
                 continue
             pool = by_node[users[0]]
             if pool.kind == "max_pool" and pool.node.args and pool.node.args[0] is step.node:
-                step.pooled_by = pool.node
+                step.pooled_by = pool
 
     def _unsupported(self, step: Step, what: str, fix: str | None = None) -> UnsupportedModelError:
         fix = fix or (
@@ -591,7 +604,7 @@ class Graph:
                 )
             args = fx.node.map_arg(node.args, lambda n: env[n])
             args_ref = fx.node.map_arg(node.args, lambda n: env_ref[n])
-            layer = self.layers.get(step.path) if step.kind == "linear" else None
+            layer = self._module_layer(step)
             module = step.module
             if (
                 layer is not None
@@ -636,7 +649,7 @@ class Graph:
         elif kind in ("constant", "structural"):
             out = _call(node, self.module, args, kwargs)
         elif kind == "linear":
-            layer = self.layers.get(step.path)
+            layer = self._module_layer(step)
             if layer is None:
                 layer = _functional_layer(node.target, args, kwargs)
             out = strategy.layer(step, layer, args[0])
