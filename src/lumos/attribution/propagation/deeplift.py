@@ -207,7 +207,7 @@ class _RescaleMaxPool(torch.autograd.Function):
         # z' at the input's winners differs by row; at the reference's own winners it is the
         # reference's pooled pre-activation, gathered once per reference row
         z_won = z_f.gather(2, i_f) if z_won is None else z_won.reshape(flat)
-        dz_won = torch.sub(z_won, zr_k.expand_as(z_f).gather(2, i_f))
+        dz_won = zr_k.expand_as(z_f).gather(2, i_f).neg_().add_(z_won)
         dz_lost = z_f.gather(2, ir_f).sub_(zr_k.gather(2, ir_k))
         won = _share(delta.clamp(min=0).mul_(g), dz_won, z, i_f, ctx.fn, g)
         lost = _share(delta.clamp_(max=0).mul_(g), dz_lost, z, ir_f, None, g)
