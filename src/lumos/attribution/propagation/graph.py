@@ -401,6 +401,7 @@ class Graph:
         self._refuse_lost_mutations()
         self._mark_output_layer()
         self._mark_pooled_activations()
+        self.last_uses = _last_uses(self.graph)
 
     def _refuse_lost_mutations(self) -> None:
         """Every operation runs out of place here, which is exact where the tensor an in-place
@@ -572,6 +573,8 @@ class Graph:
             args = fx.node.map_arg(node.args, lambda n: env[n])
             kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
             env[node] = self._evaluate(step, strategy, args, kwargs)
+            for done in self.last_uses.get(node, ()):
+                del env[done]  # (as eager code would drop it: peak memory)
         raise UnsupportedModelError("The traced model has no output.")
 
     def run_lockstep(
@@ -612,14 +615,18 @@ class Graph:
                 and (module is None or not (module._forward_pre_hooks or module._forward_hooks))
             ):
                 pair = strategy.paired_layer(step, layer, args[0], args_ref[0])
-                if pair is not None:
-                    env[node], env_ref[node] = pair
-                    continue
-            kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
-            kwargs_ref = fx.node.map_arg(node.kwargs, lambda n: env_ref[n])
-            with torch.no_grad():
-                env_ref[node] = self._evaluate(step, reference, args_ref, kwargs_ref)
-            env[node] = self._evaluate(step, strategy, args, kwargs)
+            else:
+                pair = None
+            if pair is not None:
+                env[node], env_ref[node] = pair
+            else:
+                kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
+                kwargs_ref = fx.node.map_arg(node.kwargs, lambda n: env_ref[n])
+                with torch.no_grad():
+                    env_ref[node] = self._evaluate(step, reference, args_ref, kwargs_ref)
+                env[node] = self._evaluate(step, strategy, args, kwargs)
+            for done in self.last_uses.get(node, ()):
+                del env[done], env_ref[done]
         raise UnsupportedModelError("The traced model has no output.")
 
     def _placeholder(self, node: fx.Node, positional, named: dict | None) -> Any:
@@ -680,6 +687,21 @@ class Graph:
         if module is not None and module._forward_hooks:
             _post_hooks(module, args, out, step.path)
         return out
+
+
+def _last_uses(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
+    """For each node, the earlier nodes whose value no later node reads (the output node
+    keeps what it returns)."""
+    order = list(graph.nodes)
+    last: dict[fx.Node, fx.Node] = {}
+    for node in order:
+        for used in node.all_input_nodes:
+            last[used] = node
+    out: dict[fx.Node, list[fx.Node]] = {}
+    for used, user in last.items():
+        if user.op != "output":
+            out.setdefault(user, []).append(used)
+    return out
 
 
 def _attr(root: nn.Module, target: str) -> Any:
