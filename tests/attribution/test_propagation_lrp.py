@@ -674,3 +674,25 @@ def test_the_graph_drops_each_value_after_its_last_reader():
     with torch.no_grad():
         out = Graph(model, "test").run(Watch(), [torch.rand(2, 4)])
     assert out.shape == (2, 3) and len(seen) == 2
+
+
+def test_the_tracer_builds_fxs_own_graph():
+    """lumos' tracer takes a shortcut for plain node arguments; the graph must be fx's."""
+    import torch.fx as fx
+    from models import tiny_cnn as cnn
+
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.register_buffer("scale", torch.ones(1, 4, 1, 1))
+
+        def forward(self, x, gain: float = 2.0):
+            h = F.max_pool2d(F.relu(self.conv(x)) * self.scale, kernel_size=(2, 2), stride=None)
+            h = torch.cat([h, h.flip(1)], dim=1)[:, :4, ..., None]
+            return h.flatten(1).sum(1, keepdim=True) * gain + self.conv.bias.sum()
+
+    for model in (cnn(), Mixed()):
+        ours = graph_module._trace(model)[0]
+        theirs = fx.Tracer(autowrap_modules=(), autowrap_functions=()).trace(model)
+        assert str(ours) == str(theirs)
