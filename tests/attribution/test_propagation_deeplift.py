@@ -593,3 +593,30 @@ def test_a_nonlinearity_off_the_batch_dimension_is_refused_by_name():
 
     with pytest.raises(lumos.LumosError, match=r"batch dimension.*relu"):
         deeplift(Flattened(), torch.randn(3, 6), 0)
+
+
+@pytest.mark.parametrize("method", ["deeplift", "lrp"])
+def test_module_hooks_fire_once_per_pass(method):
+    """Forward hooks on the modules of a traced model fire once for each pass over them (the
+    inputs, and DeepLIFT's references), with the tensors the model computes there."""
+    torch.manual_seed(2)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(4 * 16, 3),
+    ).double().eval()  # fmt: skip
+    calls = {"relu pre": 0, "relu": 0, "pool": 0, "pool kwargs": 0}
+
+    def count(key):
+        def hook(*args):
+            calls[key] += 1
+
+        return hook
+
+    model[1].register_forward_pre_hook(count("relu pre"))
+    model[1].register_forward_hook(count("relu"))
+    model[2].register_forward_hook(count("pool"))
+    model[2].register_forward_pre_hook(count("pool kwargs"), with_kwargs=True)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    lumos.explain(model, x, method=method, target=[0, 2])
+    passes = 2 if method == "deeplift" else 1
+    assert calls == dict.fromkeys(calls, passes)

@@ -753,7 +753,8 @@ def _call(node: fx.Node, root: nn.Module, args: tuple, kwargs: dict) -> Any:
         module = _attr(root, node.target)
         if getattr(module, "inplace", False) and args and isinstance(args[0], Tensor):
             args = (args[0].clone(), *args[1:])  # the input may be saved for the backward pass
-        return module(*args, **kwargs)
+        # (its forward alone: the step runs the module's hooks once, with what it computes)
+        return module.forward(*args, **kwargs)
     if node.op == "call_method":
         name = node.target[:-1] if node.target.endswith("_") else node.target
         return getattr(args[0], name)(*args[1:], **kwargs)
@@ -848,8 +849,12 @@ def _sum_terms(node: fx.Node, args: tuple) -> tuple[list[Tensor], list[float]]:
 
 
 def _pre_hooks(module: nn.Module, args: tuple, path: str) -> None:
-    for hook in list(module._forward_pre_hooks.values()):
-        if hook(module, args) is not None:
+    for key, hook in list(module._forward_pre_hooks.items()):
+        if key in module._forward_pre_hooks_with_kwargs:
+            result = hook(module, args, {})
+        else:
+            result = hook(module, args)
+        if result is not None:
             raise UnsupportedModelError(
                 f"A forward pre-hook on '{path}' replaces the module's input; propagation "
                 "methods compute their own layer outputs and cannot honour it. Remove the hook."
