@@ -145,19 +145,11 @@ class _IndexedMaxPoolRescale(torch.autograd.Function):
         flat = (n, c, -1)
         x_f, y_f, i_f, g = x.reshape(flat), y.reshape(flat), i.reshape(flat), grad.reshape(flat)
         xr_f = x_ref.reshape(x_ref.shape[0], c, -1).expand_as(x_f)
-        yr_f = y_ref.reshape(y_ref.shape[0], c, -1).expand_as(y_f)
         ir_f = i_ref.reshape(i_ref.shape[0], c, -1).expand_as(i_f)
-        top = torch.maximum(y_f, yr_f)
+        yr_k = y_ref.reshape(y_ref.shape[0], c, -1)
         dx_won = y_f - xr_f.gather(2, i_f)  # Δx at the input's winners (y is x there)
-        dx_ref = x_f.gather(2, ir_f) - yr_f  # Δx at the reference's winners
-        # won = g (top − y')/Δx, or g where |Δx| < EPS; lost = g (y − top)/Δx, or 0 there —
-        # in float arithmetic (boolean masks and `where` are slow on the CPU): s = 1 where
-        # |Δx| < EPS, else 0, and Δx + s never vanishes
-        small = _below_eps(dx_won)
-        won = (top - yr_f).mul_(1 - small).div_(dx_won.add_(small)).add_(small).mul_(g)
-        small = _below_eps(dx_ref)
-        lost = (y_f - top).mul_(1 - small).div_(dx_ref.add_(small)).mul_(g)
-        result = torch.zeros_like(x_f).scatter_add_(2, i_f, won).scatter_add_(2, ir_f, lost)
+        dx_lost = x_f.gather(2, ir_f).sub_(yr_k)  # Δx at the reference's winners
+        result = _route(y_f - yr_k, g, dx_won, dx_lost, i_f, ir_f, x_f, lambda: 1.0)
         return result.view_as(x), None, None, None, None
 
 
@@ -209,9 +201,12 @@ class _RescaleMaxPool(torch.autograd.Function):
         z_won = z_f.gather(2, i_f) if z_won is None else z_won.reshape(flat)
         dz_won = zr_k.expand_as(z_f).gather(2, i_f).neg_().add_(z_won)
         dz_lost = z_f.gather(2, ir_f).sub_(zr_k.gather(2, ir_k))
-        won = _share(delta.clamp(min=0).mul_(g), dz_won, z, i_f, ctx.fn, g)
-        lost = _share(delta.clamp_(max=0).mul_(g), dz_lost, z, ir_f, None, g)
-        result = torch.zeros_like(z_f).scatter_add_(2, i_f, won).scatter_add_(2, ir_f, lost)
+        fn = ctx.fn
+
+        def slope() -> Tensor:  # f' at the input's winners, taken in z's own layout
+            return _vjp(fn, z, torch.ones_like(z)).reshape(flat).gather(2, i_f)
+
+        result = _route(delta, g, dz_won, dz_lost, i_f, ir_f, z_f, slope)
         return result.view_as(z), None, None, None, None, None, None
 
 
@@ -233,18 +228,29 @@ def _hook_free(*modules: nn.Module | None) -> bool:
     return all(m is None or not (m._forward_hooks or m._forward_pre_hooks) for m in modules)
 
 
-def _share(part: Tensor, dz: Tensor, z: Tensor, at: Tensor, fn: Callable | None,
-           g: Tensor) -> Tensor:  # fmt: skip
-    """``part / dz`` (in place in `part`; dz is ``z − z'`` at the flat positions `at` of each
-    (example, channel) plane of z); where ``|dz| < EPS``, ``g·f'(z)`` if `fn` is given,
-    else 0."""
-    if not bool(dz.abs().amin() < EPS):
-        return part.div_(dz)
-    small = _below_eps(dz)
-    part.mul_(1 - small).div_(dz.add_(small))
-    if fn is not None:  # (the derivative in z's own layout: f may depend on it)
-        slope = _vjp(fn, z, torch.ones_like(z)).reshape(part.shape[0], part.shape[1], -1)
-        part.addcmul_(small, slope.gather(2, at).mul_(g))
+def _route(
+    delta: Tensor, g: Tensor, dx_won: Tensor, dx_lost: Tensor, won_at: Tensor, lost_at: Tensor,
+    like: Tensor, slope: Callable[[], Tensor | float],
+) -> Tensor:  # fmt: skip
+    """The max-pool rule at the pooled size, as a tensor shaped `like` (N, C, L): each pooled
+    output sends ``g·max(Δ, 0)/Δx`` to its input's winner (`won_at`) and ``g·min(Δ, 0)/Δx``
+    to its reference's winner (`lost_at`), Δx taken there; where ``|Δx| < EPS``, ``g·slope``
+    to the input's winner and nothing to the reference's. Float masks, not `where` (slow on
+    the CPU); `delta` is consumed."""
+    won = _share(delta.clamp(min=0).mul_(g), dx_won, g, slope)
+    lost = _share(delta.clamp_(max=0).mul_(g), dx_lost, g, None)
+    return torch.zeros_like(like).scatter_add_(2, won_at, won).scatter_add_(2, lost_at, lost)
+
+
+def _share(part: Tensor, dx: Tensor, g: Tensor, slope: Callable[[], Tensor | float] | None
+           ) -> Tensor:  # fmt: skip
+    """``part / dx`` in place; where ``|dx| < EPS``, ``g·slope()`` (or 0 without `slope`)."""
+    if not bool(dx.abs().amin() < EPS):
+        return part.div_(dx)
+    small = _below_eps(dx)  # 1 where |dx| < EPS, else 0: dx + small never vanishes
+    part.mul_(1 - small).div_(dx.add_(small))
+    if slope is not None:
+        part.addcmul_(small, g * slope())
     return part
 
 
