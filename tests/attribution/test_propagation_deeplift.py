@@ -169,6 +169,16 @@ def test_deeplift_sums_to_delta_where_relu_feeds_max_pooling():
     assert exp.delta.abs().max() < 1e-10
 
 
+def reference_case(kind: str, shape: tuple, background: int) -> tuple[str, torch.Tensor | None]:
+    """The method and references of a test case for 3 inputs of `shape`: zero references, one
+    random reference per input, or a random background set for DeepLIFT-SHAP."""
+    if kind == "zeros":
+        return "deeplift", None
+    if kind == "per example":
+        return "deeplift", torch.rand(3, *shape, dtype=torch.float64)
+    return "deeplift_shap", torch.rand(background, *shape, dtype=torch.float64)
+
+
 class Pools(nn.Module):
     """Every standard max pooling the indexed rule handles: overlapping windows with padding,
     ceil mode on an odd size, adaptive, functional, 1-d and 3-d."""
@@ -204,12 +214,7 @@ def test_the_pooling_rules_agree_with_the_general_one(baselines, monkeypatch):
     model = Pools().double().eval()
     x = torch.rand(3, 3, 15, 15, dtype=torch.float64)
     x[0, :, :4, :4] = 0.0  # ties between input and reference (Δx = 0 at some winners)
-    method = "deeplift_shap" if baselines == "background" else "deeplift"
-    refs = {
-        "zeros": None,
-        "per example": torch.rand(3, 3, 15, 15, dtype=torch.float64),
-        "background": torch.rand(4, 3, 15, 15, dtype=torch.float64),
-    }[baselines]
+    method, refs = reference_case(baselines, (3, 15, 15), background=4)
     calls = {"indexed": 0, "fused": 0}
 
     def counted(cls, key):
@@ -370,12 +375,7 @@ def test_the_lockstep_pass_equals_separate_reference_passes(baselines, monkeypat
     model.bn.running_mean.uniform_(-0.3, 0.3)
     model.bn.running_var.uniform_(0.5, 1.5)
     x = torch.rand(3, 3, 8, 8, dtype=torch.float64)
-    method = "deeplift_shap" if baselines == "background" else "deeplift"
-    refs = {
-        "zeros": None,
-        "per example": torch.rand(3, 3, 8, 8, dtype=torch.float64),
-        "background": torch.rand(2, 3, 8, 8, dtype=torch.float64),
-    }[baselines]
+    method, refs = reference_case(baselines, (3, 8, 8), background=2)
     paired = []
     apply = module._PairedLayer.apply
     monkeypatch.setattr(module._PairedLayer, "apply", lambda *a: paired.append(1) or apply(*a))
