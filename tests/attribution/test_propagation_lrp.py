@@ -692,7 +692,34 @@ def test_the_tracer_builds_fxs_own_graph():
             h = torch.cat([h, h.flip(1)], dim=1)[:, :4, ..., None]
             return h.flatten(1).sum(1, keepdim=True) * gain + self.conv.bias.sum()
 
-    for model in (cnn(), Mixed()):
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            return F.relu(self.conv(x)) + x
+
+    class Nested(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = Mixed()
+            self.blocks = nn.Sequential(Block(), Block())
+
+        def forward(self, x):
+            return self.blocks(self.stem(x)[..., 0].unflatten(1, (4, 1, 1)).relu())
+
+    for model in (cnn(), Mixed(), Nested()):
         ours = graph_module._trace(model)[0]
         theirs = fx.Tracer(autowrap_modules=(), autowrap_functions=()).trace(model)
         assert str(ours) == str(theirs)
+        # a functional node is named within the module whose forward made it, as fx's
+        # module stack says
+        for mine, fxs in zip(ours.nodes, theirs.nodes):
+            stack = fxs.meta.get("nn_module_stack") or {}
+            scope = next(reversed(stack.values()))[0] if stack else ""
+            expected = f"{scope}.{fxs.name}" if scope else fxs.name
+            if mine.op != "call_module":
+                assert graph_module._path(mine) == expected
+    paths = {graph_module._path(n) for n in graph_module._trace(Nested())[0].nodes}
+    assert {"blocks.0.relu_2", "blocks.1.add_2", "stem.mul", "relu_1", "unflatten"} <= paths

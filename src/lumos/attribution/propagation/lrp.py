@@ -40,7 +40,7 @@ class RuleStrategy(Strategy):
 
     def layer(self, step: Step, layer: Layer, x: Tensor) -> Tensor:
         rule = self._record(step, require_rule(self.composite, step, self.method))
-        if layer.scale is not None and _keeps_params(rule):  # merged BatchNorm, no new weight
+        if layer.scale is not None and _keeps_params(rule) and not layer.folds(x):
             return propagate(rule, layer.scaled, (x,), layer.raw, layer.shift)
         return propagate(rule, layer.fn, (x,), layer.weight_for(x, step, self.method), layer.bias)
 
