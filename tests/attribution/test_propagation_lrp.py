@@ -25,6 +25,7 @@ from lumos.attribution.propagation import (
     ZBox,
     ZPlus,
     register_op,
+    tracing,
 )
 from lumos.attribution.propagation import graph as graph_module
 from lumos.attribution.propagation.canonizers import canonized
@@ -710,7 +711,7 @@ def test_the_tracer_builds_fxs_own_graph():
             return self.blocks(self.stem(x)[..., 0].unflatten(1, (4, 1, 1)).relu())
 
     for model in (cnn(), Mixed(), Nested()):
-        ours = graph_module._trace(model)[0]
+        ours = tracing.trace(model)[0]
         theirs = fx.Tracer(autowrap_modules=(), autowrap_functions=()).trace(model)
         assert str(ours) == str(theirs)
         # a functional node is named within the module whose forward made it, as fx's
@@ -721,5 +722,5 @@ def test_the_tracer_builds_fxs_own_graph():
             expected = f"{scope}.{fxs.name}" if scope else fxs.name
             if mine.op != "call_module":
                 assert graph_module._path(mine) == expected
-    paths = {graph_module._path(n) for n in graph_module._trace(Nested())[0].nodes}
+    paths = {graph_module._path(n) for n in tracing.trace(Nested())[0].nodes}
     assert {"blocks.0.relu_2", "blocks.1.add_2", "stem.mul", "relu_1", "unflatten"} <= paths

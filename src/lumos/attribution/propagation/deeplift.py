@@ -29,6 +29,7 @@ from lumos.attribution.baselines import background_set, resolve_baselines
 from lumos.attribution.propagation.canonizers import MergeBatchNorm
 from lumos.attribution.propagation.graph import Graph, Layer, Step, Strategy, weighted_sum
 from lumos.attribution.propagation.lrp import total
+from lumos.attribution.propagation.tracing import TraceCache
 from lumos.core.batching import chunks
 from lumos.core.errors import GradientError, UnsupportedModelError, unknown_name
 from lumos.core.explanation import Explanation
@@ -531,6 +532,7 @@ class _DeepLiftBase(Method):
         if rule not in RULES:
             raise unknown_name("DeepLIFT rule", rule, RULES)
         self.rule = rule
+        self.traces = TraceCache()  # the model's trace, kept between calls while valid
 
     def _config(self) -> dict[str, Any]:
         return {**super()._config(), "rule": self.rule}
@@ -538,7 +540,7 @@ class _DeepLiftBase(Method):
     def graph(self) -> Graph:
         """This call's traced copy of the model with BatchNorm merged (exact for differences;
         saves passes); the copy is dropped afterwards, so nothing needs undoing."""
-        graph = Graph(self.model, self.name)
+        graph = Graph(self.model, self.name, self.traces)
         MergeBatchNorm().apply(graph)
         return graph
 

@@ -13,6 +13,7 @@ from lumos.attribution.propagation.composites import BASE, Composite
 from lumos.attribution.propagation.graph import LINEAR_MODULES, Graph
 from lumos.attribution.propagation.lrp import RuleStrategy, graph_forward, relevance_pass, total
 from lumos.attribution.propagation.rules import Branch, ZPlus
+from lumos.attribution.propagation.tracing import TraceCache
 from lumos.core.errors import UnsupportedModelError
 from lumos.core.explanation import Explanation
 from lumos.core.inputs import InputsLike, Structure
@@ -60,6 +61,7 @@ class ExcitationBackprop(Method):
     ) -> None:
         super().__init__(model, batch_size=batch_size)
         self.contrastive = bool(contrastive)
+        self.traces = TraceCache()  # the model's trace, kept between calls while valid
 
     def _config(self) -> dict[str, Any]:
         return {**super()._config(), "contrastive": self.contrastive}
@@ -72,7 +74,7 @@ class ExcitationBackprop(Method):
 
     def _graph(self) -> tuple[Graph, RuleStrategy]:
         """This call's traced, BatchNorm-merged copy of the model and the z⁺ strategy."""
-        graph = Graph(self.model, self.name)
+        graph = Graph(self.model, self.name, self.traces)
         MergeBatchNorm().apply(graph)  # the copy is dropped afterwards: nothing to undo
         return graph, RuleStrategy(_COMPOSITE, self.name)
 

@@ -24,6 +24,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from lumos.attribution.propagation.tracing import TraceCache, trace
 from lumos.core.errors import UnsupportedModelError
 from lumos.core.model import is_scripted, unwrap_compiled
 
@@ -158,8 +159,10 @@ class Layer:
     @property
     def bias(self) -> Tensor | None:
         if self._bias is None and self.scale is not None:
-            raw = 0.0 if self.raw_bias is None else self.raw_bias
-            self._bias = raw * self.scale + self.shift
+            if self.raw_bias is None:
+                self._bias = self.shift
+            else:
+                self._bias = torch.addcmul(self.shift, self.raw_bias, self.scale)
         return self._bias
 
     def weight_for(self, x: Tensor, step: Step, method: str) -> Tensor | None:
@@ -289,81 +292,6 @@ class Step:
     pooled_by: Step | None = None  # an activation read only by this max pooling
 
 
-def _trace(model: nn.Module) -> tuple[fx.Graph, dict[str, Any]]:
-    """The model's fx graph and the tensor constants its forward creates (fx would leave them
-    on the model as `_tensor_constantN` attributes: they are taken off and kept here).
-
-    fx's tracer runs first without wrapping the `math` module's functions (patching and
-    unpatching them costs more than tracing a small model); a forward that applies one to a
-    traced value fails there and is traced again with them wrapped (so its Python side
-    effects run twice). Where both succeed, the graphs are the same."""
-    before = set(model.__dict__)
-    constants: dict[str, Any] = {}
-
-    def attempt(tracer: fx.Tracer) -> fx.Graph:
-        try:
-            return tracer.trace(model)
-        finally:
-            for key in [k for k in model.__dict__ if k not in before]:
-                constants[key] = model.__dict__.pop(key)
-
-    try:
-        return attempt(_Tracer(autowrap_modules=(), autowrap_functions=())), constants
-    except Exception:  # e.g. math.sqrt(x.shape[-1]) on a proxy
-        constants.clear()
-        return attempt(_Tracer()), constants
-
-
-_PLAIN_ARGS = (int, float, bool, str, type(None))
-
-
-class _Tracer(fx.Tracer):
-    """fx's tracer with shortcuts for what this module does not read (together a quarter of a
-    trace's time):
-
-    - the common arguments of a node (proxies, numbers, strings, tuples and keyword dicts of
-      those) become node arguments directly: fx's general path checks each against
-      parameters, buffers, modules and opaque types;
-    - a node records only the path of the module whose forward created it (`meta["scope"]`),
-      not fx's copied module stacks and scope tables;
-    - a leaf module's call becomes its node without entering a scope (its node names it)."""
-
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        self.scopes: list[str] = []
-
-    def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
-        path = self.path_of_module(m)
-        if self.is_leaf_module(m, path):
-            return self.create_proxy("call_module", path, args, kwargs)
-        self.scopes.append(path)
-        try:
-            return forward(*args, **kwargs)
-        finally:
-            self.scopes.pop()
-
-    def create_node(
-        self, kind: str, target: Any, args: tuple, kwargs: dict, name: str | None = None,
-        type_expr: Any | None = None,
-    ) -> fx.Node:  # fmt: skip
-        node = self.graph.create_node(kind, target, args, kwargs, name, type_expr)
-        if self.scopes:
-            node.meta["scope"] = self.scopes[-1]
-        return node
-
-    def create_arg(self, a: Any) -> Any:
-        kind = type(a)
-        if kind is fx.Proxy:
-            return a.node
-        if kind in _PLAIN_ARGS:
-            return a
-        if kind is tuple:
-            return tuple(self.create_arg(item) for item in a)
-        if kind is dict and all(type(key) is str for key in a):
-            return {key: self.create_arg(value) for key, value in a.items()}
-        return super().create_arg(a)
-
-
 _REDUCTIONS = {torch.mean, torch.sum, "mean", "sum"}
 
 
@@ -418,7 +346,7 @@ class Graph:
     merged into a layer become identities) and restore them afterwards.
     """
 
-    def __init__(self, model: Any, method: str) -> None:
+    def __init__(self, model: Any, method: str, traces: TraceCache | None = None) -> None:
         model = unwrap_compiled(model)
         if is_scripted(model) or not isinstance(model, nn.Module):
             raise UnsupportedModelError(
@@ -428,8 +356,9 @@ class Graph:
         try:
             # the graph alone: the model itself stands in for the GraphModule that
             # `fx.symbolic_trace` would also build (its code generation costs more than the
-            # trace), and every call traces afresh, so whatever forward reads is current
-            self.graph, self.constants = _trace(model)
+            # trace); an explainer's `traces` give its last trace again while nothing the
+            # trace may have read has changed (`tracing.trace_key`)
+            self.graph, self.constants = (trace if traces is None else traces)(model)
         except Exception as exc:  # fx raises many types for untraceable code
             raise UnsupportedModelError(
                 f"{method} traces the model with torch.fx to see every operation (functional "
@@ -627,13 +556,16 @@ class Graph:
         env: dict[fx.Node, Any] = {}
         positional = iter(inputs)
         named = dict(zip(keys, inputs)) if keys is not None else None
+        self._root_hooks(inputs, keys)
         for step in self.steps:
             node = step.node
             if node.op == "placeholder":
                 env[node] = self._placeholder(node, positional, named)
                 continue
             if node.op == "output":
-                return fx.node.map_arg(node.args[0], lambda n: env[n])
+                return self._root_hooks(
+                    inputs, keys, fx.node.map_arg(node.args[0], lambda n: env[n])
+                )
             args = fx.node.map_arg(node.args, lambda n: env[n])
             kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
             env[node] = self._evaluate(step, strategy, args, kwargs)
@@ -658,6 +590,8 @@ class Graph:
         positional, positional_ref = iter(inputs), iter(references)
         named = dict(zip(keys, inputs)) if keys is not None else None
         named_ref = dict(zip(keys, references)) if keys is not None else None
+        self._root_hooks(references, keys)
+        self._root_hooks(inputs, keys)
         for step in self.steps:
             node = step.node
             if node.op == "placeholder":
@@ -666,8 +600,10 @@ class Graph:
                 continue
             if node.op == "output":
                 return (
-                    fx.node.map_arg(node.args[0], lambda n: env[n]),
-                    fx.node.map_arg(node.args[0], lambda n: env_ref[n]),
+                    self._root_hooks(inputs, keys, fx.node.map_arg(node.args[0], lambda n: env[n])),
+                    self._root_hooks(
+                        references, keys, fx.node.map_arg(node.args[0], lambda n: env_ref[n])
+                    ),
                 )
             args = fx.node.map_arg(node.args, lambda n: env[n])
             args_ref = fx.node.map_arg(node.args, lambda n: env_ref[n])
@@ -692,6 +628,20 @@ class Graph:
             for done in self.last_uses.get(node, ()):
                 del env[done], env_ref[done]
         raise UnsupportedModelError("The traced model has no output.")
+
+    def _root_hooks(self, inputs: Sequence[Tensor], keys: Sequence[str] | None,
+                    output: Any = None) -> Any:  # fmt: skip
+        """The model's own forward pre-hooks (without `output`) or forward hooks (with it):
+        fx traces the model's forward, not its call, so they run here, once per pass, and one
+        that would replace the inputs or the output is refused (as on any other module)."""
+        module = self.module
+        if module._forward_pre_hooks or module._forward_hooks:
+            args = tuple(inputs) if keys is None else ()
+            if output is None:
+                _pre_hooks(module, args, "the model")
+            else:
+                _post_hooks(module, args, output, "the model")
+        return output
 
     def _placeholder(self, node: fx.Node, positional, named: dict | None) -> Any:
         if named is not None and node.target in named:

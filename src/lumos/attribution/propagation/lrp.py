@@ -16,6 +16,7 @@ from lumos.attribution.propagation.composites import (
 )
 from lumos.attribution.propagation.graph import Graph, Layer, Step, Strategy, Sum, weighted_sum
 from lumos.attribution.propagation.rules import Norm, Pass, propagate
+from lumos.attribution.propagation.tracing import TraceCache
 from lumos.core.batching import chunks
 from lumos.core.errors import GradientError
 from lumos.core.explanation import Explanation
@@ -178,6 +179,7 @@ class LRP(Method):
         batch_size: int | None = None,
     ) -> None:
         super().__init__(model, batch_size=batch_size)
+        self.traces = TraceCache()  # the model's trace, kept between calls while valid
         params = {"epsilon": epsilon, "gamma": gamma, "low": low, "high": high}
         self.composite = resolve_composite(composite, **params)
         self.composite_name = composite if isinstance(composite, str) else "custom"
@@ -197,7 +199,7 @@ class LRP(Method):
     def _graph(self) -> tuple[Graph, RuleStrategy]:
         """This call's traced copy of the model, canonized (the copy is dropped afterwards, so
         the canonizers need no undoing), and the strategy applying the composite's rules."""
-        graph = Graph(self.model, self.name)
+        graph = Graph(self.model, self.name, self.traces)
         for canonizer in self.canonizers:
             canonizer.apply(graph)
         return graph, RuleStrategy(self.composite, self.name)

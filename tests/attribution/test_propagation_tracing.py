@@ -1,0 +1,256 @@
+"""The trace an explainer keeps between its calls: used again while nothing the trace read has
+changed, and traced again, with the right numbers, as soon as anything did."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import sys
+import types
+
+import pytest
+import torch
+from torch import nn
+
+import lumos
+from lumos.attribution.propagation.tracing import TraceCache, trace_key
+from lumos.core.errors import UnsupportedModelError
+from lumos.core.registry import get_method
+
+FLAG = True  # a global the forward reads
+SCALE = 2.0  # a global a helper of the forward reads
+BOX = [1.0]  # a mutable global, read by value
+
+
+def _scaled(h):
+    return h * SCALE
+
+
+class Config:
+    def __init__(self) -> None:
+        self.residual = True
+
+
+class Block(nn.Module):
+    """A module fx traces through (its forward runs on proxies)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.act = nn.ReLU()
+
+    def forward(self, h):
+        return self.act(self.conv(h)) + h
+
+
+class Net(nn.Module):
+    offset = 0.1  # a class attribute the forward reads
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.act = nn.ReLU()
+        self.block = Block()
+        self.head = nn.Linear(4 * 6 * 6, 3)
+        self.config = Config()
+        self.gain = 1.0
+        self.mode = "sum"
+
+    def forward(self, x):
+        h = self.block(self.act(self.bn(self.conv(x))))
+        if self.config.residual:
+            h = h + x.mean(1, keepdim=True)
+        if FLAG:
+            h = torch.relu(h - self.offset)
+        h = _scaled(h) * self.gain * BOX[0]
+        if self.training:
+            h = h * 3.0
+        return self.head(h.flatten(1))
+
+
+def _net() -> Net:
+    torch.manual_seed(0)
+    model = Net()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def _set(name, value):
+    def mutate(model, monkeypatch):
+        monkeypatch.setattr(sys.modules[__name__], name, value)
+
+    return mutate
+
+
+def _hook_on_block(model, monkeypatch):
+    model.block.register_forward_hook(lambda module, args, out: out * 2.0)
+
+
+def _replace_forward(model, monkeypatch):
+    def forward(self, x):
+        return self.head(torch.relu(self.block(self.act(self.conv(x)))).flatten(1))
+
+    model.forward = types.MethodType(forward, model)
+
+
+MUTATIONS = {
+    "plain attribute": lambda m, mp: setattr(m, "gain", 3.0),
+    "config attribute": lambda m, mp: setattr(m.config, "residual", False),
+    "global flag": _set("FLAG", False),
+    "global a helper reads": _set("SCALE", 5.0),
+    "mutable global": lambda m, mp: BOX.__setitem__(0, 4.0),
+    "class attribute": lambda m, mp: mp.setattr(Net, "offset", 0.4),
+    "train mode": lambda m, mp: (m.train(), m.bn.eval()),
+    "hook on a traced-through module": _hook_on_block,
+    "submodule replaced": lambda m, mp: setattr(m, "act", nn.Tanh()),
+    "forward replaced": _replace_forward,
+}
+
+
+@pytest.fixture(autouse=True)
+def _restore_box():
+    yield
+    BOX[0] = 1.0
+
+
+@pytest.mark.parametrize("method", ["deeplift", "lrp"])
+def test_an_unchanged_model_is_traced_once_and_gives_the_same_numbers(method):
+    model, x = _net(), torch.rand(2, 3, 6, 6)
+    explainer = get_method(method)(model)
+    first = explainer.explain(x, target=1)
+    second = explainer.explain(x, target=1)
+    assert explainer.traces.traced == 1
+    assert torch.equal(first.attributions, second.attributions)
+    assert torch.equal(
+        first.attributions, lumos.explain(model, x, method=method, target=1).attributions
+    )
+
+
+@pytest.mark.parametrize("mutation", list(MUTATIONS))
+def test_any_change_the_trace_may_depend_on_traces_again(mutation, monkeypatch):
+    model, x = _net(), torch.rand(2, 3, 6, 6)
+    explainer = get_method("deeplift")(model)
+    before = explainer.explain(x, target=1).attributions
+    MUTATIONS[mutation](model, monkeypatch)
+    with torch.no_grad():
+        output = model(x)  # the model itself changed: the explanation must follow it
+    after = explainer.explain(x, target=1)
+    fresh = get_method("deeplift")(model).explain(x, target=1)
+    assert explainer.traces.traced == 2
+    assert not torch.allclose(after.attributions, before, atol=1e-6)  # (the change mattered)
+    assert torch.allclose(after.attributions, fresh.attributions, atol=1e-6)
+    assert torch.allclose(after.outputs, output, atol=1e-5)
+    assert after.delta.abs().max() < 1e-4
+
+
+def test_weights_edited_in_place_need_no_new_trace():
+    """Values are read when the graph runs, also after edits that autograd cannot see."""
+    model, x = _net(), torch.rand(2, 3, 6, 6)
+    explainer = get_method("deeplift")(model)
+    before = explainer.explain(x, target=1).attributions
+    model.conv.weight.data.mul_(-2.0)
+    model.bn.running_mean.numpy()[:] = 0.3
+    after = explainer.explain(x, target=1).attributions
+    assert explainer.traces.traced == 1
+    assert not torch.allclose(after, before)
+    assert torch.allclose(after, lumos.explain(model, x, method="deeplift", target=1).attributions)
+
+
+def test_a_trace_that_made_tensor_constants_is_not_kept():
+    class Constant(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+            self.weights = [1.0, 2.0, 3.0, 4.0]
+
+        def forward(self, x):
+            return self.fc(x * torch.tensor(self.weights))
+
+    model, x = Constant(), torch.rand(3, 4)
+    explainer = get_method("deeplift")(model)
+    explainer.explain(x, target=0)
+    model.weights[0] = -5.0  # (also caught by value; the constant alone keeps it uncached)
+    after = explainer.explain(x, target=0)
+    assert explainer.traces.traced == 2 and explainer.traces.trace is None
+    assert torch.allclose(
+        after.attributions, lumos.explain(model, x, method="deeplift", target=0).attributions
+    )
+
+
+def test_the_key_sees_closures_and_numpy_arrays():
+    import numpy as np
+
+    box = np.array([1.0])
+    scale = [2.0]
+
+    class Closure(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(x * scale[0] * float(box[0]))
+
+    model = Closure()
+    key = trace_key(model)
+    assert trace_key(model) == key
+    scale[0] = 3.0
+    assert trace_key(model) != key
+    key = trace_key(model)
+    box[0] = 7.0
+    assert trace_key(model) != key
+
+
+def test_a_copied_or_pickled_explainer_starts_without_a_trace():
+    model, x = _net(), torch.rand(2, 3, 6, 6)
+    explainer = get_method("lrp")(model)
+    explainer.explain(x, target=0)
+    assert explainer.traces.trace is not None
+    for other in (copy.deepcopy(explainer.traces), pickle.loads(pickle.dumps(explainer.traces))):
+        assert isinstance(other, TraceCache) and other.trace is None and other.key is None
+
+
+@pytest.mark.parametrize("method", ["deeplift", "lrp", "excitation_backprop"])
+def test_a_forward_set_on_the_instance_is_the_one_explained(method):
+    """fx traces the forward of the model's class; a method bound on the instance (as some
+    libraries wrap forward) must be the one explained, and anything else is refused."""
+
+    def forward(self, x):
+        return self.head(torch.relu(self.block(self.act(self.conv(x)))).flatten(1))
+
+    class Subclassed(Net):
+        pass
+
+    Subclassed.forward = forward
+    model, x = _net(), torch.rand(2, 3, 6, 6)
+    twin = Subclassed()
+    twin.load_state_dict(model.state_dict())
+    twin.eval()
+    model.forward = types.MethodType(forward, model)
+    ours = lumos.explain(model, x, method=method, target=1)
+    assert torch.equal(
+        ours.attributions, lumos.explain(twin, x, method=method, target=1).attributions
+    )
+    assert "forward" in model.__dict__ and type(model) is Net  # the model is as it was
+    model.forward = lambda x: x.sum(1)
+    with pytest.raises(UnsupportedModelError, match="replaced on the instance"):
+        lumos.explain(model, x, method=method, target=1)
+
+
+def test_the_models_own_hooks_run_once_per_pass_and_may_not_replace_values():
+    model, x = _net(), torch.rand(2, 3, 6, 6)
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append("pre"))
+    model.register_forward_hook(lambda module, args, out: seen.append(tuple(out.shape)))
+    plain = lumos.explain(_net(), x, method="lrp", target=0)
+    assert torch.equal(
+        lumos.explain(model, x, method="lrp", target=0).attributions, plain.attributions
+    )
+    assert seen == ["pre", (2, 3)]
+    model.register_forward_hook(lambda module, args, out: out.softmax(1))
+    for method in ("lrp", "deeplift"):
+        with pytest.raises(UnsupportedModelError, match="forward hook on 'the model'"):
+            lumos.explain(model, x, method=method, target=0)
