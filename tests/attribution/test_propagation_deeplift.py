@@ -623,3 +623,35 @@ def test_module_hooks_fire_once_per_pass(method):
     lumos.explain(model, x, method=method, target=[0, 2])
     passes = 2 if method == "deeplift" else 1
     assert calls == dict.fromkeys(calls, passes)
+
+
+@pytest.mark.parametrize(
+    "pool",
+    [
+        nn.MaxPool2d(2),
+        nn.MaxPool2d(3, 2, 1),
+        nn.MaxPool2d(3, 2, 1, dilation=2, ceil_mode=True),
+        nn.AdaptiveMaxPool2d((5, 3)),
+    ],
+)
+def test_large_poolings_run_channels_last_with_the_same_winners(pool):
+    """The indexed pooling switches large inputs to the channels-last kernel; values, indices
+    and the winner among ties must be those of torch's own (NCHW) pooling."""
+    from lumos.attribution.propagation.graph import Graph, Step, _pool_with_indices
+
+    graph = Graph(nn.Sequential(pool), "test")
+    step = next(s for s in graph.steps if s.kind == "max_pool")
+    x = torch.randn(2, 64, 40, 36).round()  # many ties
+    with_indices = _pool_with_indices(step, x, (x,), {}, 0)
+    assert isinstance(step, Step) and with_indices is not None
+    y, indices = with_indices(x)
+    y_torch, indices_torch = type(pool)(**_pool_options(pool), return_indices=True)(x)
+    assert y.is_contiguous() and indices.is_contiguous()
+    assert torch.equal(y, y_torch) and torch.equal(indices, indices_torch)
+
+
+def _pool_options(pool):
+    if isinstance(pool, nn.AdaptiveMaxPool2d):
+        return {"output_size": pool.output_size}
+    names = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
+    return {name: getattr(pool, name) for name in names}

@@ -812,7 +812,21 @@ def _pool_with_indices(
             return None
     if x.dim() != dims + 2:
         return None
+    if dims == 2:
+        return lambda t: _pool_2d(fn, t, options, kwargs)
     return lambda t: fn(t, *options, **kwargs, return_indices=True)
+
+
+def _pool_2d(fn: Callable, x: Tensor, options: tuple, kwargs: dict) -> tuple[Tensor, Tensor]:
+    """A 2-d max pooling with its indices, run in the channels-last layout where the input is
+    large: torch's kernel for that layout is vectorised and its NCHW one is not, so it is two to
+    six times as fast even with both conversions (values, indices and ties are the same)."""
+    if x.numel() < 1 << 16 or x.is_contiguous(memory_format=torch.channels_last):
+        return fn(x, *options, **kwargs, return_indices=True)
+    y, indices = fn(
+        x.contiguous(memory_format=torch.channels_last), *options, **kwargs, return_indices=True
+    )
+    return y.contiguous(), indices.contiguous()
 
 
 def _functional_layer(target: Any, args: tuple, kwargs: dict) -> Layer:
