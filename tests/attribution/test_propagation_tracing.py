@@ -4,6 +4,7 @@ changed, and traced again, with the right numbers, as soon as anything did."""
 from __future__ import annotations
 
 import copy
+import functools
 import pickle
 import sys
 import types
@@ -20,15 +21,41 @@ from lumos.core.registry import get_method
 FLAG = True  # a global the forward reads
 SCALE = 2.0  # a global a helper of the forward reads
 BOX = [1.0]  # a mutable global, read by value
+settings = types.ModuleType("lumos_test_settings")  # a settings module, read by attribute
+settings.SHIFT = 0.0
+
+
+class Limits:  # a class used as a namespace of constants
+    CEILING = 50.0
 
 
 def _scaled(h):
     return h * SCALE
 
 
+class Inner:
+    def __init__(self) -> None:
+        self.gain = 1.0
+
+
 class Config:
     def __init__(self) -> None:
         self.residual = True
+        self.inner = Inner()
+
+
+class Scale:
+    """A callable object held by the model."""
+
+    def __init__(self, k: float) -> None:
+        self.k = k
+
+    def __call__(self, h):
+        return h * self.k
+
+
+def _times(h, k):
+    return h * k
 
 
 class Block(nn.Module):
@@ -52,21 +79,27 @@ class Net(nn.Module):
         self.bn = nn.BatchNorm2d(4)
         self.act = nn.ReLU()
         self.block = Block()
+        self.drop = nn.Dropout(0.0)
         self.head = nn.Linear(4 * 6 * 6, 3)
         self.config = Config()
+        self.post = Scale(1.0)
+        self.times = functools.partial(_times, k=1.0)
         self.gain = 1.0
-        self.mode = "sum"
 
     def forward(self, x):
         h = self.block(self.act(self.bn(self.conv(x))))
         if self.config.residual:
             h = h + x.mean(1, keepdim=True)
         if FLAG:
-            h = torch.relu(h - self.offset)
-        h = _scaled(h) * self.gain * BOX[0]
+            h = torch.relu(h - self.offset - settings.SHIFT)
+        h = _scaled(h) * self.gain * BOX[0] * self.config.inner.gain
+        h = self.times(self.post(h))
+        h = h - torch.relu(h - Limits.CEILING)  # min(h, ceiling)
+        if self.drop.p > 0:
+            h = h * 0.5
         if self.training:
             h = h * 3.0
-        return self.head(h.flatten(1))
+        return self.head(self.drop(h).flatten(1))
 
 
 def _net() -> Net:
@@ -89,24 +122,30 @@ def _hook_on_block(model, monkeypatch):
     model.block.register_forward_hook(lambda module, args, out: out * 2.0)
 
 
-def _replace_forward(model, monkeypatch):
-    def forward(self, x):
-        return self.head(torch.relu(self.block(self.act(self.conv(x)))).flatten(1))
-
-    model.forward = types.MethodType(forward, model)
+def _hook_contents(model, monkeypatch, explain):
+    steer = {"scale": 1.0}
+    model.block.register_forward_hook(lambda module, args, out: out * steer["scale"])
+    explain()  # (the hook as it was, traced)
+    steer["scale"] = 3.0
 
 
 MUTATIONS = {
     "plain attribute": lambda m, mp: setattr(m, "gain", 3.0),
     "config attribute": lambda m, mp: setattr(m.config, "residual", False),
+    "config attribute two levels down": lambda m, mp: setattr(m.config.inner, "gain", 2.0),
+    "callable object's attribute": lambda m, mp: setattr(m.post, "k", 2.0),
+    "partial's argument": lambda m, mp: m.times.keywords.__setitem__("k", 2.0),
     "global flag": _set("FLAG", False),
     "global a helper reads": _set("SCALE", 5.0),
     "mutable global": lambda m, mp: BOX.__setitem__(0, 4.0),
+    "settings module attribute": lambda m, mp: mp.setattr(settings, "SHIFT", 0.5),
+    "class attribute of a global class": lambda m, mp: mp.setattr(Limits, "CEILING", 0.05),
     "class attribute": lambda m, mp: mp.setattr(Net, "offset", 0.4),
-    "train mode": lambda m, mp: (m.train(), m.bn.eval()),
+    "attribute of a called module": lambda m, mp: setattr(m.drop, "p", 0.5),
+    "train mode": lambda m, mp: (m.train(), m.bn.eval(), m.drop.eval()),
     "hook on a traced-through module": _hook_on_block,
+    "what a hook reads": _hook_contents,
     "submodule replaced": lambda m, mp: setattr(m, "act", nn.Tanh()),
-    "forward replaced": _replace_forward,
 }
 
 
@@ -119,7 +158,7 @@ def _restore_box():
 @pytest.mark.parametrize("method", ["deeplift", "lrp"])
 def test_an_unchanged_model_is_traced_once_and_gives_the_same_numbers(method):
     model, x = _net(), torch.rand(2, 3, 6, 6)
-    explainer = get_method(method)(model)
+    explainer = get_method(method)(model, reuse_trace=True)
     first = explainer.explain(x, target=1)
     second = explainer.explain(x, target=1)
     assert explainer.traces.traced == 1
@@ -132,14 +171,19 @@ def test_an_unchanged_model_is_traced_once_and_gives_the_same_numbers(method):
 @pytest.mark.parametrize("mutation", list(MUTATIONS))
 def test_any_change_the_trace_may_depend_on_traces_again(mutation, monkeypatch):
     model, x = _net(), torch.rand(2, 3, 6, 6)
-    explainer = get_method("deeplift")(model)
+    explainer = get_method("deeplift")(model, reuse_trace=True)
     before = explainer.explain(x, target=1).attributions
-    MUTATIONS[mutation](model, monkeypatch)
+    traced = explainer.traces.traced
+    mutate = MUTATIONS[mutation]
+    if mutate is _hook_contents:
+        mutate(model, monkeypatch, lambda: explainer.explain(x, target=1))
+    else:
+        mutate(model, monkeypatch)
     with torch.no_grad():
         output = model(x)  # the model itself changed: the explanation must follow it
     after = explainer.explain(x, target=1)
     fresh = get_method("deeplift")(model).explain(x, target=1)
-    assert explainer.traces.traced == 2
+    assert explainer.traces.traced > traced
     assert not torch.allclose(after.attributions, before, atol=1e-6)  # (the change mattered)
     assert torch.allclose(after.attributions, fresh.attributions, atol=1e-6)
     assert torch.allclose(after.outputs, output, atol=1e-5)
@@ -149,7 +193,7 @@ def test_any_change_the_trace_may_depend_on_traces_again(mutation, monkeypatch):
 def test_weights_edited_in_place_need_no_new_trace():
     """Values are read when the graph runs, also after edits that autograd cannot see."""
     model, x = _net(), torch.rand(2, 3, 6, 6)
-    explainer = get_method("deeplift")(model)
+    explainer = get_method("deeplift")(model, reuse_trace=True)
     before = explainer.explain(x, target=1).attributions
     model.conv.weight.data.mul_(-2.0)
     model.bn.running_mean.numpy()[:] = 0.3
@@ -170,7 +214,7 @@ def test_a_trace_that_made_tensor_constants_is_not_kept():
             return self.fc(x * torch.tensor(self.weights))
 
     model, x = Constant(), torch.rand(3, 4)
-    explainer = get_method("deeplift")(model)
+    explainer = get_method("deeplift")(model, reuse_trace=True)
     explainer.explain(x, target=0)
     model.weights[0] = -5.0  # (also caught by value; the constant alone keeps it uncached)
     after = explainer.explain(x, target=0)
@@ -206,7 +250,7 @@ def test_the_key_sees_closures_and_numpy_arrays():
 
 def test_a_copied_or_pickled_explainer_starts_without_a_trace():
     model, x = _net(), torch.rand(2, 3, 6, 6)
-    explainer = get_method("lrp")(model)
+    explainer = get_method("lrp")(model, reuse_trace=True)
     explainer.explain(x, target=0)
     assert explainer.traces.trace is not None
     for other in (copy.deepcopy(explainer.traces), pickle.loads(pickle.dumps(explainer.traces))):
@@ -214,30 +258,52 @@ def test_a_copied_or_pickled_explainer_starts_without_a_trace():
 
 
 @pytest.mark.parametrize("method", ["deeplift", "lrp", "excitation_backprop"])
-def test_a_forward_set_on_the_instance_is_the_one_explained(method):
-    """fx traces the forward of the model's class; a method bound on the instance (as some
-    libraries wrap forward) must be the one explained, and anything else is refused."""
+def test_a_forward_set_on_the_instance_is_refused(method):
+    """fx traces the forward of the model's class: another forward set on the instance (as
+    some libraries wrap forward) would be silently ignored, so it is refused; the class's own
+    forward bound on the instance is fine."""
+    model, x = _net(), torch.rand(2, 3, 6, 6)
+    plain = lumos.explain(model, x, method=method, target=1).attributions
+    model.forward = types.MethodType(Net.forward, model)
+    assert torch.equal(lumos.explain(model, x, method=method, target=1).attributions, plain)
 
     def forward(self, x):
         return self.head(torch.relu(self.block(self.act(self.conv(x)))).flatten(1))
 
-    class Subclassed(Net):
-        pass
-
-    Subclassed.forward = forward
-    model, x = _net(), torch.rand(2, 3, 6, 6)
-    twin = Subclassed()
-    twin.load_state_dict(model.state_dict())
-    twin.eval()
     model.forward = types.MethodType(forward, model)
-    ours = lumos.explain(model, x, method=method, target=1)
-    assert torch.equal(
-        ours.attributions, lumos.explain(twin, x, method=method, target=1).attributions
-    )
-    assert "forward" in model.__dict__ and type(model) is Net  # the model is as it was
-    model.forward = lambda x: x.sum(1)
     with pytest.raises(UnsupportedModelError, match="replaced on the instance"):
         lumos.explain(model, x, method=method, target=1)
+    assert type(model) is Net
+
+
+def test_by_default_every_call_traces_afresh():
+    model, x = _net(), torch.rand(2, 3, 6, 6)
+    explainer = get_method("deeplift")(model)
+    before = explainer.explain(x, target=1).attributions
+    settings.SHIFT = 0.5
+    try:
+        after = explainer.explain(x, target=1).attributions
+    finally:
+        settings.SHIFT = 0.0
+    assert explainer.traces is None and not torch.allclose(after, before)
+
+
+class Keeping(Block):
+    def forward(self, h):
+        self.features = h  # (a forward that keeps what it saw)
+        return super().forward(h)
+
+
+def test_attributes_a_traced_forward_sets_are_put_back():
+    """During a trace the forward runs on fx's proxies: what it stores on a module is undone."""
+    model, x = _net(), torch.rand(2, 3, 6, 6)
+    model.block = Keeping()
+    model.block.features = "as it was"
+    lumos.explain(model, x, method="deeplift", target=1)
+    assert model.block.features == "as it was"
+    del model.block.features
+    lumos.explain(model, x, method="lrp", target=1)
+    assert "features" not in model.block.__dict__
 
 
 def test_the_models_own_hooks_run_once_per_pass_and_may_not_replace_values():

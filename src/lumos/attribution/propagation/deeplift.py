@@ -526,16 +526,18 @@ class _DeepLiftBase(Method):
     """Shared options: `rule` (``rescale`` | ``reveal_cancel``) and `batch_size`."""
 
     def __init__(
-        self, model: Callable, *, rule: str = "rescale", batch_size: int | None = None
-    ) -> None:
+        self, model: Callable, *, rule: str = "rescale", batch_size: int | None = None,
+        reuse_trace: bool = False,
+    ) -> None:  # fmt: skip
         super().__init__(model, batch_size=batch_size)
         if rule not in RULES:
             raise unknown_name("DeepLIFT rule", rule, RULES)
         self.rule = rule
-        self.traces = TraceCache()  # the model's trace, kept between calls while valid
+        self.reuse_trace = bool(reuse_trace)
+        self.traces = TraceCache() if reuse_trace else None  # see `tracing`
 
     def _config(self) -> dict[str, Any]:
-        return {**super()._config(), "rule": self.rule}
+        return {**super()._config(), "rule": self.rule, "reuse_trace": self.reuse_trace}
 
     def graph(self) -> Graph:
         """This call's traced copy of the model with BatchNorm merged (exact for differences;
@@ -684,6 +686,9 @@ class DeepLift(_DeepLiftBase):
             ``m± = Δy±/Δx±`` averaging the orders in which they apply; no max-pooling rule).
         baselines (call): None (zeros), a number, a tensor of one example's shape or the
             batch's, or a name (``zeros``, ``uniform``, ``blur``, ``mean``).
+        reuse_trace: keep the model's torch.fx trace between calls of this explainer while
+            nothing it read has changed (saves a trace per call: 2 ms on ResNet-18); only for
+            a model whose code and settings stay as they are (see `tracing`).
     """
 
     def explain(
@@ -732,6 +737,7 @@ class DeepLiftShap(_DeepLiftBase):
     Options:
         rule: ``rescale`` or ``reveal_cancel``, as for `deeplift`.
         baselines (call): the background set, K reference examples (required).
+        reuse_trace: as for `deeplift`.
     """
 
     def explain(

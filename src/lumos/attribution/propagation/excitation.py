@@ -52,19 +52,25 @@ class ExcitationBackprop(Method):
         contrastive: the contrastive map (c-MWP): the winning probability of the target minus
             that of its dual unit (the output layer's target weights negated), truncated at
             zero; `delta` is then None.
+        reuse_trace: keep the model's torch.fx trace between calls of this explainer while
+            nothing it read has changed (saves a trace per call: 2 ms on ResNet-18); only for
+            a model whose code and settings stay as they are (see `tracing`).
     """
 
     single_pass = True
 
     def __init__(
-        self, model: Callable, *, contrastive: bool = False, batch_size: int | None = None
-    ) -> None:
+        self, model: Callable, *, contrastive: bool = False, batch_size: int | None = None,
+        reuse_trace: bool = False,
+    ) -> None:  # fmt: skip
         super().__init__(model, batch_size=batch_size)
         self.contrastive = bool(contrastive)
-        self.traces = TraceCache()  # the model's trace, kept between calls while valid
+        self.reuse_trace = bool(reuse_trace)
+        self.traces = TraceCache() if reuse_trace else None  # see `tracing`
 
     def _config(self) -> dict[str, Any]:
-        return {**super()._config(), "contrastive": self.contrastive}
+        return {**super()._config(), "contrastive": self.contrastive,
+                "reuse_trace": self.reuse_trace}  # fmt: skip
 
     def explain(self, inputs: InputsLike, target: TargetLike = "predicted") -> Explanation:
         return self._run(inputs, target)

@@ -162,6 +162,9 @@ class LRP(Method):
             broadcastable to one example of the first layer's input; None uses each example's
             min/max.
         canonizers: graph rewrites applied first; None merges BatchNorm (`MergeBatchNorm`).
+        reuse_trace: keep the model's torch.fx trace between calls of this explainer while
+            nothing it read has changed (saves a trace per call: 2 ms on ResNet-18); only for
+            a model whose code and settings stay as they are (see `tracing`).
     """
 
     single_pass = True
@@ -177,9 +180,11 @@ class LRP(Method):
         high: Any = None,
         canonizers: Sequence[Canonizer] | None = None,
         batch_size: int | None = None,
+        reuse_trace: bool = False,
     ) -> None:
         super().__init__(model, batch_size=batch_size)
-        self.traces = TraceCache()  # the model's trace, kept between calls while valid
+        self.reuse_trace = bool(reuse_trace)
+        self.traces = TraceCache() if reuse_trace else None  # see `tracing`
         params = {"epsilon": epsilon, "gamma": gamma, "low": low, "high": high}
         self.composite = resolve_composite(composite, **params)
         self.composite_name = composite if isinstance(composite, str) else "custom"
@@ -188,7 +193,8 @@ class LRP(Method):
 
     def _config(self) -> dict[str, Any]:
         params = {k: v for k, v in self.params.items() if not isinstance(v, torch.Tensor)}
-        return {**super()._config(), "composite": self.composite_name, **params}
+        config = {**super()._config(), "composite": self.composite_name, **params}
+        return {**config, "reuse_trace": self.reuse_trace}
 
     def explain(self, inputs: InputsLike, target: TargetLike = "predicted") -> Explanation:
         return self._run(inputs, target)

@@ -1,30 +1,35 @@
-"""Tracing a model with `torch.fx`, and keeping the trace between the calls of one explainer.
+"""Tracing a model with `torch.fx`, and, on request, keeping the trace between the calls of
+one explainer.
 
-A trace costs a few milliseconds (ResNet-18: 2 ms, more than a tenth of its gradient at small
-batches), and a propagation method needs one per call. An explainer object (``DeepLift(model)``,
-``LRP(model)``) keeps its last trace in a `TraceCache` and uses it again only while everything
-the trace may have read is unchanged (`trace_key`):
+A trace costs a few milliseconds (ResNet-18: 2 ms on the CPU, a tenth of its gradient at
+batch 2) and every call of a propagation method needs one. An explainer built with
+``reuse_trace=True`` (``DeepLift(model, reuse_trace=True)``) keeps its last trace in a
+`TraceCache` and uses it again while `trace_key` — what the trace may have read — is
+unchanged:
 
-- the module tree: every module's path, identity and class;
-- for each module fx traces *through* (those outside ``torch.nn``, whose Python `forward`
-  runs on proxies, and containers): its train/eval mode, its hooks, the values of its plain
-  attributes (numbers, strings, tuples, lists, dicts, the attributes of an object such as a
-  config one level down), which parameters and buffers it has, and its forward;
-- the code that runs while tracing: the class's attributes and functions, and, for those
-  functions and the functions they call (two levels), their defaults, closure contents and
-  the global names they read (plain values by value, everything else by identity);
-- the global module hooks.
+- the module tree: every module's path, identity and class, and the plain attributes of the
+  modules fx calls rather than traces through (``stride``, ``p``, ``inplace``);
+- for the modules whose forward fx runs (the model itself, and modules from outside
+  ``torch.nn``, and `nn.Sequential`): train/eval mode, hooks and what they run, which
+  parameters and buffers exist, and their attributes (containers by value, objects such as
+  configs two levels down, callables by what they run, small NumPy arrays by their bytes);
+- the code that runs: the classes' attributes and functions and, for those functions and the
+  user functions they call (two levels), their defaults, closure contents, the global names
+  they read and the attributes they name on user modules and classes (``config.SCALE``).
 
-Parameter and buffer *values* are never part of a trace (they are read when the graph runs),
+Parameter and buffer *values* are never part of a trace (the graph reads them when it runs),
 so training the model or editing its weights in place needs no new trace. A trace that made
-tensor constants (a forward that builds a tensor from Python values) is not kept: the constants
-may come from anything. A forward that depends on state none of the above reaches (a value
-deep inside a global object) should be explained with a new explainer after that state
-changes; `lumos.explain` builds one on every call and never reuses a trace.
+tensor constants (a forward that builds a tensor from Python values) is not kept. The key
+cannot see everything Python code may read (a value three objects deep inside a global, a
+helper three calls down, a mutable object held in a container of more than 10,000 items):
+reuse a trace only where the model's code and settings stay as they are between calls, and
+build a new explainer after changing them. Without ``reuse_trace`` (the default, and always
+through `lumos.explain`) every call traces afresh.
 """
 
 from __future__ import annotations
 
+import functools
 import types
 from collections.abc import Callable
 from typing import Any
@@ -36,6 +41,7 @@ from torch import nn
 from lumos.core.errors import UnsupportedModelError
 
 _PLAIN_ARGS = (int, float, bool, str, type(None))
+_MISSING = object()
 
 
 class _Tracer(fx.Tracer):
@@ -92,17 +98,26 @@ def trace(model: nn.Module) -> tuple[fx.Graph, dict[str, Any]]:
     fx's tracer runs first without wrapping the `math` module's functions (patching and
     unpatching them costs more than tracing a small model); a forward that applies one to a
     traced value fails there and is traced again with them wrapped (so its Python side
-    effects run twice). Where both succeed, the graphs are the same."""
-    before = set(model.__dict__)
+    effects run twice). Where both succeed, the graphs are the same. Attributes that a
+    forward sets on the modules it runs through (``self.features = h``) are put back as they
+    were: during a trace they hold fx's proxies."""
+    _check_forward(model)
+    saved = [(m, dict(m.__dict__)) for m in model.modules() if m is model or not _is_leaf(m)]
     constants: dict[str, Any] = {}
-    root = _traced_root(model)
 
     def attempt(tracer: fx.Tracer) -> fx.Graph:
         try:
-            return tracer.trace(root)
+            return tracer.trace(model)
         finally:
-            for key in [k for k in model.__dict__ if k not in before]:
-                constants[key] = model.__dict__.pop(key)
+            for module, before in saved:
+                now = module.__dict__
+                for key in [k for k in now if k not in before]:
+                    value = now.pop(key)
+                    if module is model and key.startswith("_tensor_constant"):
+                        constants[key] = value
+                for key, value in before.items():
+                    if now.get(key, _MISSING) is not value:
+                        now[key] = value
 
     try:
         return attempt(_Tracer(autowrap_modules=(), autowrap_functions=())), constants
@@ -111,27 +126,23 @@ def trace(model: nn.Module) -> tuple[fx.Graph, dict[str, Any]]:
         return attempt(_Tracer()), constants
 
 
-def _traced_root(model: nn.Module) -> nn.Module:
-    """What fx traces: it runs the forward of the model's *class*, so a forward set on the
-    instance (``model.forward = MethodType(fn, model)``, as some libraries wrap it) is traced
-    on a stand-in of a subclass with that forward, sharing the model's attributes (nothing of
-    the model changes); any other replacement is refused rather than silently ignored."""
+def _check_forward(model: nn.Module) -> None:
+    """fx traces the forward of the model's *class*: a different forward set on the instance
+    (``model.forward = ...``, as some libraries wrap it) would be silently ignored, so it is
+    refused."""
     forward = model.__dict__.get("forward")
     if forward is None:
-        return model
-    fn = getattr(forward, "__func__", None)
-    if getattr(forward, "__self__", None) is not model or not isinstance(fn, types.FunctionType):
-        raise UnsupportedModelError(
-            "The model's forward is replaced on the instance by something other than a method "
-            "of the model; propagation methods trace the forward that model(x) runs and cannot "
-            "see into it. Define that forward in a subclass (or a wrapper nn.Module)."
-        )
-    cls = type(model)
-    stand_in = object.__new__(
-        type(cls.__name__, (cls,), {"forward": fn, "__module__": cls.__module__})
+        return
+    if getattr(forward, "__self__", None) is model and (
+        getattr(forward, "__func__", None) is getattr(type(model), "forward", None)
+    ):
+        return  # the class's own forward, bound on the instance
+    raise UnsupportedModelError(
+        "The model's forward is replaced on the instance (model.forward = ...); propagation "
+        "methods trace the forward of the model's class, so they would explain another "
+        "function than model(x) runs. Define that forward in a subclass, or wrap the model "
+        "in an nn.Module whose forward calls it."
     )
-    object.__setattr__(stand_in, "__dict__", model.__dict__)  # the same attributes
-    return stand_in
 
 
 class TraceCache:
@@ -178,6 +189,8 @@ class _Same:
 
 
 _PLAIN = (int, float, complex, bool, str, bytes, type(None))
+_PLAIN_TYPES = frozenset(_PLAIN)
+_LIMIT = 10_000  # items of a container taken by value (a longer one: its identity and length)
 _HOOKS = (
     "_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
     "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_hooks",
@@ -190,53 +203,159 @@ _GLOBAL_HOOKS = (
 _SKIPPED = {"_modules", "_non_persistent_buffers_set", "_state_dict_hooks",
             "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
             "_load_state_dict_post_hooks"}  # fmt: skip
+_OPAQUE = (nn.Module, type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType)
 
 
-def _frozen(value: Any, depth: int = 0) -> Any:
-    """A comparable snapshot: plain values and containers of them by value, tensors by
-    identity, shape and dtype, an object with attributes by identity and (at the first level)
-    its attributes, anything else by identity."""
-    kind = type(value)
-    if kind in _PLAIN:
-        return value
-    if depth < 4:
-        if kind is tuple or kind is list:
-            return (kind, tuple(_frozen(v, depth + 1) for v in value))
-        if isinstance(value, dict):
-            return (kind, tuple((_frozen(k, depth + 1), _frozen(v, depth + 1))
-                                for k, v in value.items()))  # fmt: skip
-        if (kind is set or kind is frozenset) and all(type(v) in _PLAIN for v in value):
-            return (kind, frozenset(value))
-    if isinstance(value, torch.Tensor):
-        return (_Same(value), tuple(value.shape), value.dtype, value.device)
-    if callable(getattr(value, "tobytes", None)) and getattr(value, "nbytes", 1 << 20) <= 1 << 16:
-        return (_Same(value), value.tobytes())  # a small NumPy array, by value
-    if (
-        depth == 0
-        and not isinstance(value, (nn.Module, type, types.ModuleType, types.FunctionType))
-        and not callable(value)
-        and isinstance(getattr(value, "__dict__", None), dict)
-    ):
-        return (_Same(value), _frozen(vars(value), depth + 1))
-    return _Same(value)
+def _user_code(obj: Any) -> bool:
+    """Whether an object (a function, class or module) comes from outside torch and Python."""
+    name = getattr(obj, "__module__", None) if not isinstance(obj, types.ModuleType) else None
+    name = name or getattr(obj, "__name__", "") or ""
+    root = name.split(".")[0]
+    return root not in ("builtins", "torch", "typing", "functools", "math", "operator")
 
 
-def _module_state(module: nn.Module, seen: dict[int, Any]) -> tuple:
-    """A traced-through module's own state: mode, hooks, parameter and buffer names, plain
-    attributes."""
-    out = []
-    for name, value in module.__dict__.items():
-        if name in _SKIPPED:
-            continue
-        if name in ("_parameters", "_buffers"):
-            out.append((name, tuple((k, v is None) for k, v in value.items())))
-        elif name in _HOOKS:
-            out.append((name, tuple(value)))
-        elif isinstance(value, (types.FunctionType, types.MethodType)):  # e.g. a forward
-            out.append((name, _function_state(value, seen, 0)))
-        else:
-            out.append((name, _frozen(value)))
-    return tuple(out)
+class _Key:
+    """Builds the key of one model; shared functions are described once, at the shallowest
+    depth they are met."""
+
+    def __init__(self) -> None:
+        self.functions: dict[int, int] = {}  # id → the depth it was described at
+        self.classes: dict[type, tuple] = {}
+
+    def frozen(self, value: Any, depth: int = 0) -> Any:
+        """A comparable snapshot: plain values and containers of them by value, tensors by
+        identity, shape and dtype, small arrays by their bytes, callables by what they run,
+        other objects by identity and (two levels deep) their attributes."""
+        kind = type(value)
+        if kind in _PLAIN:
+            return value
+        if depth > 4:
+            return _Same(value)
+        if kind in (tuple, list, set, frozenset) or isinstance(value, dict):
+            if len(value) > _LIMIT:
+                return (kind, _Same(value), len(value))
+            if isinstance(value, dict):
+                items = tuple(
+                    (self.frozen(k, depth + 1), self.frozen(v, depth + 1)) for k, v in value.items()
+                )
+                return (kind, items)
+            if kind is set or kind is frozenset:
+                return (kind, frozenset(v for v in value if type(v) in _PLAIN), _Same(value))
+            return (kind, tuple(self.frozen(v, depth + 1) for v in value))
+        if isinstance(value, torch.Tensor):
+            return (_Same(value), tuple(value.shape), value.dtype, value.device)
+        nbytes = getattr(value, "nbytes", None)
+        if type(nbytes) is int and nbytes <= 1 << 20 and callable(getattr(value, "tobytes", None)):
+            return (_Same(value), value.tobytes())  # a NumPy array or scalar, by value
+        if isinstance(value, (types.FunctionType, types.MethodType, functools.partial)):
+            return self.function(value, depth)
+        if isinstance(value, _OPAQUE) or depth > 2:
+            return _Same(value)
+        state = self.attributes(value, depth + 1)
+        if callable(value):
+            state = (state, self.function(type(value).__call__, depth))
+        return (_Same(value), state)
+
+    def attributes(self, value: Any, depth: int) -> Any:
+        """An object's attributes (its `__dict__`, or its `__slots__`)."""
+        attributes = getattr(value, "__dict__", None)
+        if isinstance(attributes, dict):
+            return self.frozen(attributes, depth)
+        slots = [n for c in type(value).__mro__ for n in getattr(c, "__slots__", ())]
+        return tuple((n, self.frozen(getattr(value, n, None), depth)) for n in slots)
+
+    def function(self, fn: Any, depth: int) -> Any:
+        """What a callable runs: a function's code, defaults, closure contents, and the globals
+        its code names — with the attributes it names on those that are user modules or
+        classes, and the user functions among them followed to depth 2; a bound method's
+        object; a partial's function and arguments. Library code is not followed."""
+        if isinstance(fn, functools.partial):
+            return ("partial", self.function(fn.func, depth), self.frozen(fn.args, depth + 1),
+                    self.frozen(fn.keywords, depth + 1))  # fmt: skip
+        if isinstance(fn, types.MethodType):
+            owner = fn.__self__
+            held = _Same(owner) if isinstance(owner, _OPAQUE) else self.frozen(owner, depth + 1)
+            return ("method", held, self.function(fn.__func__, depth))
+        if not isinstance(fn, types.FunctionType) or not _user_code(fn):
+            return _Same(fn)
+        if self.functions.get(id(fn), depth + 1) <= depth:
+            return _Same(fn)
+        self.functions[id(fn)] = depth
+        state: list[Any] = [_Same(fn), _Same(fn.__code__), self.frozen(fn.__defaults__, 1),
+                            self.frozen(fn.__kwdefaults__, 1)]  # fmt: skip
+        for cell in fn.__closure__ or ():
+            try:
+                state.append(self.frozen(cell.cell_contents, 1))
+            except ValueError:  # an empty cell
+                state.append(None)
+        names = _code_names(fn.__code__)
+        namespace = fn.__globals__
+        for name in sorted(names):
+            if name not in namespace:
+                continue
+            value = namespace[name]
+            state.append((name, self.frozen(value)))
+            if isinstance(value, types.FunctionType) and depth < 2:
+                state.append(self.function(value, depth + 1))
+            elif isinstance(value, (type, types.ModuleType)) and _user_code(value):
+                state.append(self.namespace(value, names, depth + 1))
+        return tuple(state)
+
+    def namespace(self, owner: Any, names: set[str], depth: int) -> tuple:
+        """The attributes of a user module or class that a code names (``config.SCALE``)."""
+        out = []
+        for name in sorted(names):
+            if isinstance(owner, type):
+                found = next((vars(c)[name] for c in owner.__mro__ if name in vars(c)), _MISSING)
+            else:
+                found = vars(owner).get(name, _MISSING)
+            if found is _MISSING:
+                continue
+            if isinstance(found, (staticmethod, classmethod)):
+                found = found.__func__
+            if isinstance(found, types.FunctionType):
+                out.append((name, self.function(found, depth) if depth <= 2 else _Same(found)))
+            else:
+                out.append((name, self.frozen(found, 1)))
+        return tuple(out)
+
+    def cls(self, cls: type) -> tuple:
+        """The attributes of a class and of its user-defined bases; its functions with
+        `function`."""
+        if cls not in self.classes:
+            out = []
+            for base in cls.__mro__:
+                if not _user_code(base):
+                    continue
+                for name, value in vars(base).items():
+                    if isinstance(value, (staticmethod, classmethod)):
+                        value = value.__func__
+                    if isinstance(value, property):
+                        value = value.fget
+                    if isinstance(value, types.FunctionType):
+                        out.append((name, self.function(value, 0)))
+                    elif name not in ("__dict__", "__weakref__", "__doc__"):
+                        out.append((name, self.frozen(value, 1)))
+            self.classes[cls] = tuple(out)
+        return self.classes[cls]
+
+    def module(self, module: nn.Module) -> tuple:
+        """A traced-through module's own state: mode, hooks (and what they run), parameter and
+        buffer names, attributes."""
+        out = []
+        for name, value in module.__dict__.items():
+            if name in _SKIPPED:
+                continue
+            if name in ("_parameters", "_buffers"):
+                out.append((name, tuple((k, v is None) for k, v in value.items())))
+            elif name in _HOOKS:
+                out.append((name, self.hooks(value)))
+            else:
+                out.append((name, self.frozen(value)))
+        return tuple(out)
+
+    def hooks(self, hooks: dict) -> tuple:
+        return tuple((k, self.function(h, 0)) for k, h in hooks.items())
 
 
 def _code_names(code: types.CodeType) -> set[str]:
@@ -248,55 +367,14 @@ def _code_names(code: types.CodeType) -> set[str]:
     return names
 
 
-def _function_state(fn: Any, seen: dict[int, Any], depth: int) -> Any:
-    """A Python function's code, defaults, closure contents and the globals it names (the
-    functions among those followed to `depth` 2); library code (torch) is not followed."""
-    fn = getattr(fn, "__func__", fn)
-    if not isinstance(fn, types.FunctionType):
-        return _Same(fn)
-    if id(fn) in seen:
-        return _Same(fn)
-    seen[id(fn)] = fn
-    state: list[Any] = [_Same(fn), _Same(fn.__code__), _frozen(fn.__defaults__),
-                        _frozen(fn.__kwdefaults__)]  # fmt: skip
-    for cell in fn.__closure__ or ():
-        try:
-            state.append(_frozen(cell.cell_contents))
-        except ValueError:  # an empty cell
-            state.append(None)
-    namespace = fn.__globals__
-    for name in sorted(_code_names(fn.__code__)):
-        if name not in namespace:
-            continue
-        value = namespace[name]
-        state.append((name, _frozen(value)))
-        if depth < 2 and isinstance(value, types.FunctionType) and _user_code(value):
-            state.append(_function_state(value, seen, depth + 1))
-    return tuple(state)
-
-
-def _user_code(obj: Any) -> bool:
-    module = getattr(obj, "__module__", None) or ""
-    return module not in ("builtins", "torch") and not module.startswith(("torch.", "typing"))
-
-
-def _class_state(cls: type, seen: dict[int, Any]) -> tuple:
-    """The attributes of a class and of its user-defined bases; its functions with
-    `_function_state`."""
-    out = []
-    for base in cls.__mro__:
-        if not _user_code(base):
-            continue
-        for name, value in vars(base).items():
-            if isinstance(value, (staticmethod, classmethod)):
-                value = value.__func__
-            if isinstance(value, types.FunctionType):
-                out.append((name, _function_state(value, seen, 0)))
-            elif isinstance(value, property):
-                out.append((name, _function_state(value.fget, seen, 0)))
-            elif name not in ("__dict__", "__weakref__", "__doc__"):
-                out.append((name, _frozen(value)))
-    return tuple(out)
+def _leaf(module: nn.Module) -> tuple:
+    """A module fx calls rather than traces through: what a parent's forward may read of it
+    (its mode and plain attributes: `stride`, `p`, `inplace`)."""
+    plain = _PLAIN_TYPES
+    return tuple([
+        (k, v) for k, v in module.__dict__.items()
+        if type(v) in plain or (type(v) is tuple and all(type(i) in plain for i in v))
+    ])  # fmt: skip
 
 
 def _is_leaf(module: nn.Module) -> bool:
@@ -306,20 +384,17 @@ def _is_leaf(module: nn.Module) -> bool:
 
 
 def trace_key(model: nn.Module) -> tuple:
-    """Everything a trace of `model` may depend on (see the module docstring)."""
-    seen: dict[int, Any] = {}
-    classes: dict[type, tuple] = {}
+    """Everything a trace of `model` may read (see the module docstring)."""
+    key = _Key()
     hooks = nn.modules.module
-    key: list[Any] = [tuple((name, tuple(getattr(hooks, name, {}))) for name in _GLOBAL_HOOKS)]
+    parts: list[Any] = [tuple((n, key.hooks(getattr(hooks, n, {}))) for n in _GLOBAL_HOOKS)]
     for path, module in model.named_modules():
         cls = type(module)
-        if _is_leaf(module):
-            key.append((path, _Same(module), cls))
-            continue
-        if cls not in classes:
-            classes[cls] = _class_state(cls, seen)
-        key.append((path, _Same(module), cls, classes[cls], _module_state(module, seen)))
-    return tuple(key)
+        if module is not model and _is_leaf(module):
+            parts.append((path, _Same(module), cls, _leaf(module)))
+        else:
+            parts.append((path, _Same(module), cls, key.cls(cls), key.module(module)))
+    return tuple(parts)
 
 
 __all__ = ["TraceCache", "trace", "trace_key"]
