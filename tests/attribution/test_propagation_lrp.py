@@ -724,3 +724,22 @@ def test_the_tracer_builds_fxs_own_graph():
                 assert graph_module._path(mine) == expected
     paths = {graph_module._path(n) for n in tracing.trace(Nested())[0].nodes}
     assert {"blocks.0.relu_2", "blocks.1.add_2", "stem.mul", "relu_1", "unflatten"} <= paths
+
+
+@pytest.mark.parametrize("pool", [nn.MaxPool2d(2), nn.MaxPool2d(3, 2, 1), nn.AdaptiveMaxPool2d(5)])
+@pytest.mark.parametrize("size", [6, 40])  # (the larger runs channels-last)
+def test_the_indexed_max_pool_has_torchs_gradient(pool, size):
+    """LRP passes the gradient through max pooling with `IndexedMaxPool`: the same winners
+    as torch's own pooling, ties and overlapping windows included."""
+    from lumos.attribution.propagation.graph import IndexedMaxPool, _pool_with_indices
+
+    graph = Graph(nn.Sequential(pool), "test")
+    step = next(s for s in graph.steps if s.kind == "max_pool")
+    x = torch.randn(2, 64, size, size).round().requires_grad_(True)  # many ties
+    with_indices = _pool_with_indices(step, x, (x,), {}, 0)
+    ours = IndexedMaxPool.apply(x, with_indices)
+    theirs = pool(x)
+    g = torch.randn_like(theirs)
+    assert torch.equal(ours, theirs)
+    mine, torchs = torch.autograd.grad(ours, x, g)[0], torch.autograd.grad(theirs, x, g)[0]
+    assert torch.allclose(mine, torchs, rtol=0, atol=1e-6)  # (sums of overlaps: any order)

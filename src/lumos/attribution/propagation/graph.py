@@ -817,6 +817,28 @@ def _pool_with_indices(
     return lambda t: fn(t, *options, **kwargs, return_indices=True)
 
 
+class IndexedMaxPool(torch.autograd.Function):
+    """A standard max pooling through its `with_indices` form (channels-last where that is
+    faster, `_pool_2d`); its gradient goes to each output's winner, as torch's own does (the
+    same winners, overlapping windows adding up)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, pool: Callable[[Tensor], tuple[Tensor, Tensor]]) -> Tensor:
+        with torch.no_grad():
+            y, indices = pool(x)
+        ctx.save_for_backward(indices)
+        ctx.shape = x.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (indices,) = ctx.saved_tensors
+        n, c = ctx.shape[:2]
+        out = grad.new_zeros(ctx.shape).view(n, c, -1)
+        out.scatter_add_(2, indices.reshape(n, c, -1), grad.reshape(n, c, -1))
+        return out.view(ctx.shape), None
+
+
 def _pool_2d(fn: Callable, x: Tensor, options: tuple, kwargs: dict) -> tuple[Tensor, Tensor]:
     """A 2-d max pooling with its indices, run in the channels-last layout where the input is
     large: torch's kernel for that layout is vectorised and its NCHW one is not, so it is two to

@@ -14,7 +14,15 @@ from lumos.attribution.propagation.composites import (
     require_rule,
     resolve_composite,
 )
-from lumos.attribution.propagation.graph import Graph, Layer, Step, Strategy, Sum, weighted_sum
+from lumos.attribution.propagation.graph import (
+    Graph,
+    IndexedMaxPool,
+    Layer,
+    Step,
+    Strategy,
+    Sum,
+    weighted_sum,
+)
 from lumos.attribution.propagation.rules import Norm, Pass, propagate
 from lumos.attribution.propagation.tracing import TraceCache
 from lumos.core.batching import chunks
@@ -58,6 +66,10 @@ class RuleStrategy(Strategy):
         return self._elementwise(step, fn, x, Pass())
 
     def max_pool(self, step, fn, x):
+        pool = getattr(fn, "with_indices", None)
+        if pool is not None and x.requires_grad and self.composite.rule_for(step) is None:
+            self._record(step, None)  # the gradient, through the faster indexed pooling
+            return IndexedMaxPool.apply(x, pool)
         return self._elementwise(step, fn, x, None)
 
     def avg_pool(self, step, fn, x):
