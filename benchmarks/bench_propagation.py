@@ -14,7 +14,8 @@ the model's torch.fx trace between calls while nothing the trace read has change
 times are the method's own cost without the trace.
 On the CPU, times are the minimum over interleaved repeats of CPU seconds of this process
 (`time.process_time`): the benchmark machine is shared, and wall-clock times there move with
-other people's load (the wall-clock minima are saved in the JSON too). On a GPU, process time
+other people's load (the wall-clock minima are saved in the JSON too). Every timed call comes
+right after an untimed call of the same candidate (see `interleaved`). On a GPU, process time
 does not see the device's work, so times are wall-clock with queued work synchronized, and each
 model also runs on a larger batch so that the GPU has real work.
 
@@ -112,13 +113,16 @@ def models(device: torch.device):
 
 def interleaved(candidates: dict, repeats: int = 5) -> tuple[dict, dict]:
     """Minimum CPU and wall seconds (queued GPU work included) of each candidate, run
-    round-robin after one warm-up each."""
-    for fn in candidates.values():
-        fn()
+    round-robin; each timed call follows an untimed call of the same candidate, so that what
+    the candidate before it left behind in the allocator does not land on its time (glibc
+    hands large freed blocks back to the system, and the next candidate pays page faults to
+    get them again: up to 12,000 per call here, about 25 ms, depending on which candidate ran
+    before). Each time is thus one call of a method used in a loop."""
     cpu: dict[str, list[float]] = {name: [] for name in candidates}
     wall: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(repeats):
         for name, fn in candidates.items():
+            fn()
             start = time.process_time()
             wall[name].append(timed(fn)[1])
             cpu[name].append(time.process_time() - start)
@@ -196,7 +200,8 @@ def main() -> None:
     rows = [time_one(label, model, x, on_cpu) for label, model, x in models(device)]
     how = "CPU seconds of this process" if on_cpu else "wall-clock, GPU work synchronized"
     lines = [
-        f"Propagation methods on {describe(device)}; minimum of 7 interleaved repeats, {how}.",
+        f"Propagation methods on {describe(device)}; minimum of 7 interleaved repeats (each "
+        f"after an untimed call of the same candidate), {how}.",
         "",
         f"| model | gradient {unit} | LRP-ε {unit} | ÷ gradient | reused ÷ gradient "
         f"| ÷ lumos saliency | ÷ Captum LRP | reused ÷ Captum LRP | LRP ε/z⁺ ÷ gradient "
