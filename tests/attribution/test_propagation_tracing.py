@@ -316,7 +316,29 @@ def test_the_models_own_hooks_run_once_per_pass_and_may_not_replace_values():
         lumos.explain(model, x, method="lrp", target=0).attributions, plain.attributions
     )
     assert seen == ["pre", (2, 3)]
+    model.register_forward_hook(lambda module, args, out: out)  # returns it: allowed
+    lumos.explain(model, x, method="deeplift", target=0)
     model.register_forward_hook(lambda module, args, out: out.softmax(1))
     for method in ("lrp", "deeplift"):
         with pytest.raises(UnsupportedModelError, match="forward hook on 'the model'"):
             lumos.explain(model, x, method=method, target=0)
+
+
+def test_a_pre_hook_that_shifts_the_inputs_is_explained_through():
+    """The model's own pre-hooks may replace its inputs, as in a call of the model: DeepLIFT
+    of the shifted copy at shifted inputs and references is DeepLIFT of the model itself."""
+    import lumos.metrics as M
+
+    model, x, b = _net(), torch.rand(2, 3, 6, 6), torch.rand(1, 3, 6, 6)
+    shifted = copy.deepcopy(model)
+    shifted.register_forward_pre_hook(lambda module, args: (args[0] - 1.0,))
+    ours = lumos.explain(shifted, x + 1.0, method="deeplift", target=1, baselines=b + 1.0)
+    plain = lumos.explain(model, x, method="deeplift", target=1, baselines=b)
+    torch.testing.assert_close(ours.attributions, plain.attributions, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(ours.outputs, plain.outputs, atol=1e-5, rtol=1e-4)
+    assert ours.delta.abs().max() < 1e-4
+    for method in ("lrp", "deeplift", "excitation_backprop"):  # (its copy shifts by a hook)
+        assert torch.isfinite(M.input_invariance(model, x, method, target=1)).all()
+    shifted.register_forward_pre_hook(lambda module, args: (args[0], args[0]))
+    with pytest.raises(UnsupportedModelError, match="changes which inputs"):
+        lumos.explain(shifted, x, method="lrp", target=1)

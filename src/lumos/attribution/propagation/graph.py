@@ -130,9 +130,11 @@ class Layer:
     A layer merged with the BatchNorm after it keeps its own weight and bias (`raw`,
     `raw_bias`) and the BatchNorm's per-channel `scale` and `shift`: its output is
     ``fn(x, raw, raw_bias)·scale + shift`` along dim 1 — exactly ``bn(layer(x))`` — which is how
-    rules that leave the parameters alone (ε, LRP-0) evaluate it, so they never build merged
-    parameters. `weight` (``raw·scale``) and `bias` (``raw_bias·scale + shift``) are built on
-    first use, for rules that modify the parameters, where dim 1 is the output features.
+    rules that leave the parameters alone (ε, LRP-0) and DeepLIFT evaluate it where the weights
+    outweigh an input row. `weight` (``raw·scale``) and `bias` (``raw_bias·scale + shift``) are
+    built on first use: for rules that modify the parameters, and where the weights are the
+    smaller (`folds`: scaling them once costs less than a pass over the output), always with
+    dim 1 the output features.
     """
 
     def __init__(
@@ -359,6 +361,8 @@ class Graph:
             # trace); an explainer's `traces` give its last trace again while nothing the
             # trace may have read has changed (`tracing.trace_key`)
             self.graph, self.constants = (trace if traces is None else traces)(model)
+        except UnsupportedModelError:
+            raise
         except Exception as exc:  # fx raises many types for untraceable code
             raise UnsupportedModelError(
                 f"{method} traces the model with torch.fx to see every operation (functional "
@@ -554,16 +558,16 @@ class Graph:
         """Evaluate the graph on `inputs` (positional, or keyword arguments named by `keys`),
         letting `strategy` compute every classified step."""
         env: dict[fx.Node, Any] = {}
+        inputs = self._root_inputs(inputs, keys)
         positional = iter(inputs)
         named = dict(zip(keys, inputs)) if keys is not None else None
-        self._root_hooks(inputs, keys)
         for step in self.steps:
             node = step.node
             if node.op == "placeholder":
                 env[node] = self._placeholder(node, positional, named)
                 continue
             if node.op == "output":
-                return self._root_hooks(
+                return self._root_output(
                     inputs, keys, fx.node.map_arg(node.args[0], lambda n: env[n])
                 )
             args = fx.node.map_arg(node.args, lambda n: env[n])
@@ -587,11 +591,11 @@ class Graph:
         where `strategy.paired_layer` can: one pass over its weights instead of two."""
         env: dict[fx.Node, Any] = {}
         env_ref: dict[fx.Node, Any] = {}
+        references = self._root_inputs(references, keys)
+        inputs = self._root_inputs(inputs, keys)
         positional, positional_ref = iter(inputs), iter(references)
         named = dict(zip(keys, inputs)) if keys is not None else None
         named_ref = dict(zip(keys, references)) if keys is not None else None
-        self._root_hooks(references, keys)
-        self._root_hooks(inputs, keys)
         for step in self.steps:
             node = step.node
             if node.op == "placeholder":
@@ -600,8 +604,10 @@ class Graph:
                 continue
             if node.op == "output":
                 return (
-                    self._root_hooks(inputs, keys, fx.node.map_arg(node.args[0], lambda n: env[n])),
-                    self._root_hooks(
+                    self._root_output(
+                        inputs, keys, fx.node.map_arg(node.args[0], lambda n: env[n])
+                    ),
+                    self._root_output(
                         references, keys, fx.node.map_arg(node.args[0], lambda n: env_ref[n])
                     ),
                 )
@@ -629,18 +635,51 @@ class Graph:
                 del env[done], env_ref[done]
         raise UnsupportedModelError("The traced model has no output.")
 
-    def _root_hooks(self, inputs: Sequence[Tensor], keys: Sequence[str] | None,
-                    output: Any = None) -> Any:  # fmt: skip
-        """The model's own forward pre-hooks (without `output`) or forward hooks (with it):
-        fx traces the model's forward, not its call, so they run here, once per pass, and one
-        that would replace the inputs or the output is refused (as on any other module)."""
+    def _root_inputs(
+        self, inputs: Sequence[Tensor], keys: Sequence[str] | None
+    ) -> Sequence[Tensor]:
+        """The inputs after the model's own forward pre-hooks, which fx does not trace (it
+        traces the forward, not the call): they run here, once per pass, and may replace the
+        inputs as in a call of the model (e.g. a shift; autograd follows what they compute)."""
         module = self.module
-        if module._forward_pre_hooks or module._forward_hooks:
-            args = tuple(inputs) if keys is None else ()
-            if output is None:
-                _pre_hooks(module, args, "the model")
+        if not module._forward_pre_hooks:
+            return inputs
+        args = tuple(inputs) if keys is None else ()
+        kwargs = {} if keys is None else dict(zip(keys, inputs))
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if key in module._forward_pre_hooks_with_kwargs:
+                result = hook(module, args, kwargs)
+                if result is not None:
+                    if not (isinstance(result, tuple) and len(result) == 2):
+                        raise UnsupportedModelError(
+                            "A forward pre-hook with kwargs on the model must return None or "
+                            f"(args, kwargs), as torch requires; it returned {type(result)}."
+                        )
+                    args, kwargs = tuple(result[0]), dict(result[1])
             else:
-                _post_hooks(module, args, output, "the model")
+                result = hook(module, args)
+                if result is not None:
+                    args = result if isinstance(result, tuple) else (result,)
+        if keys is None:
+            changed = bool(kwargs) or len(args) != len(inputs)
+        else:
+            changed = bool(args) or set(kwargs) != set(keys)
+        if changed:
+            raise UnsupportedModelError(
+                "A forward pre-hook on the model changes which inputs it receives; propagation "
+                "methods need the inputs they were given, one for one. Remove the hook."
+            )
+        return list(args) if keys is None else [kwargs[k] for k in keys]
+
+    def _root_output(
+        self, inputs: Sequence[Tensor], keys: Sequence[str] | None, output: Any
+    ) -> Any:
+        """The model's own forward hooks, run once per pass on the graph's output; one that
+        replaces the output is refused (the methods' rules would not reach into it)."""
+        module = self.module
+        if module._forward_hooks:
+            args = tuple(inputs) if keys is None else ()
+            _post_hooks(module, args, output, "the model")
         return output
 
     def _placeholder(self, node: fx.Node, positional, named: dict | None) -> Any:
@@ -818,9 +857,9 @@ def _pool_with_indices(
 
 
 class IndexedMaxPool(torch.autograd.Function):
-    """A standard max pooling through its `with_indices` form (channels-last where that is
-    faster, `_pool_2d`); its gradient goes to each output's winner, as torch's own does (the
-    same winners, overlapping windows adding up)."""
+    """A standard max pooling through its `with_indices` form (channels-last on the CPU,
+    `_pool_2d`); its gradient goes to each output's winner, as torch's own does (the same
+    winners, overlapping windows adding up). Used on the CPU only, where it is the faster."""
 
     @staticmethod
     def forward(ctx, x: Tensor, pool: Callable[[Tensor], tuple[Tensor, Tensor]]) -> Tensor:
@@ -841,9 +880,15 @@ class IndexedMaxPool(torch.autograd.Function):
 
 def _pool_2d(fn: Callable, x: Tensor, options: tuple, kwargs: dict) -> tuple[Tensor, Tensor]:
     """A 2-d max pooling with its indices, run in the channels-last layout where the input is
-    large: torch's kernel for that layout is vectorised and its NCHW one is not, so it is two to
-    six times as fast even with both conversions (values, indices and ties are the same)."""
-    if x.numel() < 1 << 16 or x.is_contiguous(memory_format=torch.channels_last):
+    large and on the CPU: torch's CPU kernel for that layout is vectorised and its NCHW one is
+    not, so it is two to six times as fast even with both conversions (values, indices and ties
+    are the same). On a GPU the NCHW kernel is the faster, and the only one that picks a
+    window's first element where all of it is -inf."""
+    if (
+        x.device.type != "cpu"
+        or x.numel() < 1 << 16
+        or x.is_contiguous(memory_format=torch.channels_last)
+    ):
         return fn(x, *options, **kwargs, return_indices=True)
     y, indices = fn(
         x.contiguous(memory_format=torch.channels_last), *options, **kwargs, return_indices=True
@@ -895,7 +940,7 @@ def _post_hooks(module: nn.Module, args: tuple, out: Any, path: str) -> None:
             result = hook(module, args, {}, out)
         else:
             result = hook(module, args, out)
-        if result is not None:
+        if result is not None and result is not out:
             raise UnsupportedModelError(
                 f"A forward hook on '{path}' replaces the module's output; propagation methods "
                 "compute their own layer outputs and cannot honour it. Remove the hook."

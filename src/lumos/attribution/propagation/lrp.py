@@ -67,7 +67,12 @@ class RuleStrategy(Strategy):
 
     def max_pool(self, step, fn, x):
         pool = getattr(fn, "with_indices", None)
-        if pool is not None and x.requires_grad and self.composite.rule_for(step) is None:
+        if (
+            pool is not None
+            and x.requires_grad
+            and x.device.type == "cpu"  # (on a GPU torch's own pooling is the faster)
+            and self.composite.rule_for(step) is None
+        ):
             self._record(step, None)  # the gradient, through the faster indexed pooling
             return IndexedMaxPool.apply(x, pool)
         return self._elementwise(step, fn, x, None)
