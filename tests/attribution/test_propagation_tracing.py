@@ -155,17 +155,18 @@ def _restore_box():
     BOX[0] = 1.0
 
 
-@pytest.mark.parametrize("method", ["deeplift", "lrp"])
+@pytest.mark.parametrize("method", ["deeplift", "lrp", "excitation_backprop", "deeplift_shap"])
 def test_an_unchanged_model_is_traced_once_and_gives_the_same_numbers(method):
     model, x = _net(), torch.rand(2, 3, 6, 6)
+    options = {"baselines": torch.rand(3, 3, 6, 6)} if method == "deeplift_shap" else {}
     explainer = get_method(method)(model, reuse_trace=True)
-    first = explainer.explain(x, target=1)
-    second = explainer.explain(x, target=1)
+    first = explainer.explain(x, target=1, **options)
+    second = explainer.explain(x, target=1, **options)
     assert explainer.traces.traced == 1
     assert torch.equal(first.attributions, second.attributions)
-    assert torch.equal(
-        first.attributions, lumos.explain(model, x, method=method, target=1).attributions
-    )
+    direct = lumos.explain(model, x, method=method, target=1, **options)
+    assert torch.equal(first.attributions, direct.attributions)
+    assert first.options["reuse_trace"] is True and direct.options["reuse_trace"] is False
 
 
 @pytest.mark.parametrize("mutation", list(MUTATIONS))
