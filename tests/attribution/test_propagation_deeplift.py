@@ -655,3 +655,21 @@ def _pool_options(pool):
         return {"output_size": pool.output_size}
     names = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
     return {name: getattr(pool, name) for name in names}
+
+
+@pytest.mark.parametrize("method", ["deeplift", "lrp", "excitation_backprop"])
+def test_a_forward_with_star_args_and_keyword_options(method):
+    """``forward(self, x, *rest, scale=1.0, **options)``: the unused *rest and **options
+    receive nothing, and the keyword default is used."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x, *rest, scale=2.0, **options):
+            return torch.relu(self.fc(x)) * scale
+
+    model, x = Net().eval(), torch.rand(3, 4)
+    exp = lumos.explain(model, x, method=method, target=0)
+    torch.testing.assert_close(exp.outputs, model(x))

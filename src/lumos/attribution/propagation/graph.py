@@ -399,6 +399,11 @@ class Graph:
         self._mark_output_layer()
         self._mark_pooled_activations()
         self.last_uses = _last_uses(self.graph)
+        self._named = {  # the forward's named parameters (not *args, **kwargs)
+            str(n.target)
+            for n in self.graph.nodes
+            if n.op == "placeholder" and not str(n.target).startswith("*")
+        }
 
     def _refuse_lost_mutations(self) -> None:
         """Every operation runs out of place here, which is exact where the tensor an in-place
@@ -683,6 +688,11 @@ class Graph:
         return output
 
     def _placeholder(self, node: fx.Node, positional, named: dict | None) -> Any:
+        target = str(node.target)
+        if target.startswith("**"):  # forward(..., **options): the inputs given no parameter
+            return {} if named is None else {k: v for k, v in named.items() if k not in self._named}
+        if target.startswith("*"):  # forward(x, *rest): the remaining positional inputs
+            return () if named is not None else tuple(positional)
         if named is not None and node.target in named:
             return named[node.target]
         if named is None:
