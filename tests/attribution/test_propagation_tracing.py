@@ -343,3 +343,37 @@ def test_a_pre_hook_that_shifts_the_inputs_is_explained_through():
     shifted.register_forward_pre_hook(lambda module, args: (args[0], args[0]))
     with pytest.raises(UnsupportedModelError, match="changes which inputs"):
         lumos.explain(shifted, x, method="lrp", target=1)
+
+
+def test_a_keyword_pre_hook_on_a_model_called_with_a_dict_of_inputs():
+    """Dict inputs reach the model as keyword arguments: a kwargs pre-hook sees them by name
+    and may replace them, as in ``model(**inputs)``."""
+
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 3), nn.Linear(2, 3)
+
+        def forward(self, a, b):
+            return torch.relu(self.a(a)) + torch.relu(self.b(b))
+
+    torch.manual_seed(0)
+    model = TwoInputs().eval()
+    inputs = {"a": torch.rand(3, 4), "b": torch.rand(3, 2)}
+    seen = []
+
+    def shift_back(module, args, kwargs):
+        seen.append((args, sorted(kwargs)))
+        return args, {k: v - 1.0 for k, v in kwargs.items()}
+
+    shifted = copy.deepcopy(model)
+    shifted.register_forward_pre_hook(shift_back, with_kwargs=True)
+    moved = {k: v + 1.0 for k, v in inputs.items()}
+    baselines = {k: torch.zeros_like(v) for k, v in inputs.items()}
+    moved_baselines = {k: v + 1.0 for k, v in baselines.items()}
+    ours = lumos.explain(shifted, moved, method="deeplift", target=0, baselines=moved_baselines)
+    plain = lumos.explain(model, inputs, method="deeplift", target=0, baselines=baselines)
+    assert seen and all(args == () and names == ["a", "b"] for args, names in seen)
+    for key in inputs:
+        torch.testing.assert_close(ours.attributions[key], plain.attributions[key])
+    torch.testing.assert_close(ours.outputs, shifted(**moved))
