@@ -398,12 +398,21 @@ def test_the_lockstep_pass_equals_separate_reference_passes(baselines, monkeypat
         assert exp.delta.abs().max() < 1e-10
 
 
+@pytest.mark.parametrize("host_checks", [True, False])
 @pytest.mark.parametrize("activation", [nn.ReLU, nn.PReLU, nn.Sigmoid, nn.ELU])
-def test_any_activation_read_by_a_max_pooling_takes_both_rules_at_once(activation, monkeypatch):
+def test_any_activation_read_by_a_max_pooling_takes_both_rules_at_once(
+    activation, host_checks, monkeypatch
+):
     """The pooled-size rule (`_RescaleMaxPool`) holds for any elementwise activation, channel
     parameters included, ties with the reference included; a ReLU pools its input first (the
-    winners differ in windows whose maximum is ≤ 0, which receive nothing either way)."""
+    winners differ in windows whose maximum is ≤ 0, which receive nothing either way). Also
+    with the accelerators' fix-up by masks, without reading back whether it is needed
+    (`host_checks=False`)."""
+    from lumos.attribution.propagation import deeplift as module
     from lumos.attribution.propagation import graph
+
+    if not host_checks:
+        monkeypatch.setattr(module, "_checks_on_host", lambda t: False)
 
     torch.manual_seed(1)
     model = nn.Sequential(
@@ -412,9 +421,11 @@ def test_any_activation_read_by_a_max_pooling_takes_both_rules_at_once(activatio
     ).double().eval()  # fmt: skip
     if activation is nn.PReLU:
         model[1] = nn.PReLU(4, init=0.1).double()
-    with torch.no_grad():  # channel 0 computes x₀ − x₁: Δz = 0 wherever the two are equal,
-        model[0].weight[0] = 0.0  # while Δx is not, so the derivative there reaches the input
-        model[0].weight[0, 0, 1, 1], model[0].weight[0, 1, 1, 1] = 1.0, -1.0
+    with torch.no_grad():  # channels 0, 1 compute x₀ − x₁ ± 0.1: Δz = 0 wherever the two are
+        for c, bias in ((0, 0.1), (1, -0.1)):  # equal, while Δx is not, so the derivative there
+            model[0].weight[c] = 0.0  # (f' > 0 and, for a ReLU, f' = 0) reaches the input
+            model[0].weight[c, 0, 1, 1], model[0].weight[c, 1, 1, 1] = 1.0, -1.0
+            model[0].bias[c] = bias
     x = torch.rand(3, 3, 8, 8, dtype=torch.float64) - 0.5
     x[0, 1] = x[0, 0]
     x[1, :, :4, :4] = 0.0  # and ties with the reference
@@ -673,3 +684,31 @@ def test_a_forward_with_star_args_and_keyword_options(method):
     model, x = Net().eval(), torch.rand(3, 4)
     exp = lumos.explain(model, x, method=method, target=0)
     torch.testing.assert_close(exp.outputs, model(x))
+
+
+@pytest.mark.parametrize("baselines", ["zeros", "example"])
+def test_the_fix_up_by_masks_equals_the_read_back_check(baselines, monkeypatch):
+    """On an accelerator a ReLU's multipliers take the derivative (x > 0) where |Δx| < EPS by
+    masks, without reading back whether any is: the same numbers as the CPU's check, also
+    where differences vanish and the derivative is 0 or 1."""
+    from lumos.attribution.propagation import deeplift as module
+
+    torch.manual_seed(2)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(4 * 36, 3),
+    ).double().eval()  # fmt: skip
+    with torch.no_grad():  # x₀ − x₁ ± 0.1: Δz = 0 where the two are equal, on both sides of 0
+        for c, bias in ((0, 0.1), (1, -0.1)):
+            model[0].weight[c] = 0.0
+            model[0].weight[c, 0, 1, 1], model[0].weight[c, 1, 1, 1] = 1.0, -1.0
+            model[0].bias[c] = bias
+    x = torch.rand(3, 3, 6, 6, dtype=torch.float64) - 0.5
+    x[:, 1] = x[:, 0]
+    refs = None if baselines == "zeros" else x[2:3].clone()
+    x[0, :, :3] = 0.0 if refs is None else refs[0, :, :3]  # ties with the reference
+    checked = deeplift(model, x, [0, 1, 2], baselines=refs)
+    monkeypatch.setattr(module, "_checks_on_host", lambda t: False)
+    masked = deeplift(model, x, [0, 1, 2], baselines=refs)
+    torch.testing.assert_close(masked.attributions, checked.attributions, rtol=1e-12, atol=1e-14)
+    assert masked.delta.abs().max() < 1e-10

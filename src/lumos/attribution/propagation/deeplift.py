@@ -48,13 +48,19 @@ class _Rescale(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, x: Tensor, fn: Callable, x_ref: Tensor, y_ref: Tensor, scratch: Scratch
-    ) -> Tensor:
+        ctx, x: Tensor, fn: Callable, x_ref: Tensor, y_ref: Tensor, scratch: Scratch,
+        relu: bool = False,
+    ) -> Tensor:  # fmt: skip
         with torch.no_grad():
             y = fn(x)
             dx = torch.sub(x, x_ref, out=scratch.like(x))
             multiplier = (y - y_ref).div_(dx)  # where |Δx| < EPS replaced below
             size = dx.abs_()
+            if relu and not _checks_on_host(x):  # the derivative is x > 0: masks, no read-back
+                slope = (x > 0).to(x.dtype)
+                multiplier = torch.where(size < EPS, slope, multiplier, out=multiplier)
+                ctx.save_for_backward(multiplier)
+                return y
         # the smallest |Δx| decides whether any element needs the derivative: two passes over
         # memory, where a boolean mask, a second pass of the function and `where` cost several
         # (and `where` is slow on the CPU)
@@ -67,7 +73,7 @@ class _Rescale(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         (multiplier,) = ctx.saved_tensors
-        return grad * multiplier, None, None, None, None
+        return grad * multiplier, None, None, None, None, None
 
 
 class Scratch:
@@ -205,6 +211,8 @@ class _RescaleMaxPool(torch.autograd.Function):
         fn = ctx.fn
 
         def slope() -> Tensor:  # f' at the input's winners, taken in z's own layout
+            if fn is torch.relu:  # (z > 0 there, at the pooled size)
+                return (z_won > 0).to(z_won.dtype)
             return _vjp(fn, z, torch.ones_like(z)).reshape(flat).gather(2, i_f)
 
         result = _route(delta, g, dz_won, dz_lost, i_f, ir_f, z_f, slope)
@@ -245,14 +253,24 @@ def _route(
 
 def _share(part: Tensor, dx: Tensor, g: Tensor, slope: Callable[[], Tensor | float] | None
            ) -> Tensor:  # fmt: skip
-    """``part / dx`` in place; where ``|dx| < EPS``, ``g·slope()`` (or 0 without `slope`)."""
-    if not bool(dx.abs().amin() < EPS):
+    """``part / dx`` in place; where ``|dx| < EPS``, ``g·slope()`` (or 0 without `slope`). On
+    an accelerator the masks apply whether needed or not (`_checks_on_host`)."""
+    if _checks_on_host(dx) and not bool(dx.abs().amin() < EPS):
         return part.div_(dx)
     small = _below_eps(dx)  # 1 where |dx| < EPS, else 0: dx + small never vanishes
     part.mul_(1 - small).div_(dx.add_(small))
     if slope is not None:
         part.addcmul_(small, g * slope())
     return part
+
+
+def _checks_on_host(t: Tensor) -> bool:
+    """Whether to read back "is any |Δx| below EPS?" and skip the fix-up where none is: on the
+    CPU the check is one reduction, but on an accelerator every read-back stalls the queue of
+    kernels (the host waits for the device, then the device for the host), so there the fix-up
+    runs with masks every time, for ReLUs and for the max-pool rules, whose derivatives are
+    cheap."""
+    return t.device.type == "cpu"
 
 
 def _below_eps(t: Tensor) -> Tensor:
@@ -369,7 +387,7 @@ class RescaleStrategy(Strategy):
                     y = fn(x)
             self.deferred[step.pooled_by.node] = (y, x, fn, paired, relu)
             return y
-        return _Rescale.apply(x, fn, *paired, self.scratch)
+        return _Rescale.apply(x, fn, *paired, self.scratch, _is_relu(step))
 
     def paired_layer(
         self, step: Step, layer: Layer, x: Tensor, x_ref: Tensor
@@ -398,7 +416,7 @@ class RescaleStrategy(Strategy):
             if indexed is not None and len(paired) == 3:
                 a = None if relu else a
                 return _RescaleMaxPool.apply(z, activation, indexed, z_ref, *paired[1:], a)
-            x = _Rescale.apply(z, activation, *deferred[3], self.scratch)
+            x = _Rescale.apply(z, activation, *deferred[3], self.scratch, relu)
         if not x.requires_grad:
             return fn(x)
         paired = self._paired(step, x)
