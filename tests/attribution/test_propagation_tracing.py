@@ -377,3 +377,13 @@ def test_a_keyword_pre_hook_on_a_model_called_with_a_dict_of_inputs():
     for key in inputs:
         torch.testing.assert_close(ours.attributions[key], plain.attributions[key])
     torch.testing.assert_close(ours.outputs, shifted(**moved))
+
+
+@pytest.mark.parametrize("method", ["deeplift", "deeplift_shap", "lrp", "excitation_backprop"])
+def test_reuse_trace_must_be_a_bool(method):
+    from lumos.core.errors import InputError
+
+    with pytest.raises(InputError, match="reuse_trace must be True or False"):
+        get_method(method)(_net(), reuse_trace="no")
+    with pytest.raises(InputError, match="reuse_trace"):
+        lumos.explain(_net(), torch.rand(2, 3, 6, 6), method=method, reuse_trace=1)

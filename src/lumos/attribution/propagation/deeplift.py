@@ -27,14 +27,20 @@ from torch import nn
 
 from lumos.attribution.baselines import background_set, resolve_baselines
 from lumos.attribution.propagation.canonizers import MergeBatchNorm
-from lumos.attribution.propagation.graph import Graph, Layer, Step, Strategy, weighted_sum
+from lumos.attribution.propagation.graph import (
+    Graph,
+    GraphMethod,
+    Layer,
+    Step,
+    Strategy,
+    weighted_sum,
+)
 from lumos.attribution.propagation.lrp import total
-from lumos.attribution.propagation.tracing import TraceCache
 from lumos.core.batching import chunks
 from lumos.core.errors import GradientError, UnsupportedModelError, unknown_name
 from lumos.core.explanation import Explanation
 from lumos.core.inputs import InputsLike, Structure
-from lumos.core.method import Attribution, Context, Live, Method
+from lumos.core.method import Attribution, Context, Live
 from lumos.core.registry import register
 from lumos.core.targets import TargetLike, output_tensor
 
@@ -540,27 +546,25 @@ class References:
         return target.select(rows, example)
 
 
-class _DeepLiftBase(Method):
+class _DeepLiftBase(GraphMethod):
     """Shared options: `rule` (``rescale`` | ``reveal_cancel``) and `batch_size`."""
 
     def __init__(
         self, model: Callable, *, rule: str = "rescale", batch_size: int | None = None,
         reuse_trace: bool = False,
     ) -> None:  # fmt: skip
-        super().__init__(model, batch_size=batch_size)
+        super().__init__(model, batch_size=batch_size, reuse_trace=reuse_trace)
         if rule not in RULES:
             raise unknown_name("DeepLIFT rule", rule, RULES)
         self.rule = rule
-        self.reuse_trace = bool(reuse_trace)
-        self.traces = TraceCache() if reuse_trace else None  # see `tracing`
 
     def _config(self) -> dict[str, Any]:
-        return {**super()._config(), "rule": self.rule, "reuse_trace": self.reuse_trace}
+        return {**super()._config(), "rule": self.rule}
 
     def graph(self) -> Graph:
         """This call's traced copy of the model with BatchNorm merged (exact for differences;
         saves passes); the copy is dropped afterwards, so nothing needs undoing."""
-        graph = Graph(self.model, self.name, self.traces)
+        graph = self.traced()
         MergeBatchNorm().apply(graph)
         return graph
 

@@ -10,14 +10,13 @@ from torch import Tensor
 
 from lumos.attribution.propagation.canonizers import MergeBatchNorm
 from lumos.attribution.propagation.composites import BASE, Composite
-from lumos.attribution.propagation.graph import LINEAR_MODULES, Graph
+from lumos.attribution.propagation.graph import LINEAR_MODULES, Graph, GraphMethod
 from lumos.attribution.propagation.lrp import RuleStrategy, graph_forward, relevance_pass, total
 from lumos.attribution.propagation.rules import Branch, ZPlus
-from lumos.attribution.propagation.tracing import TraceCache
 from lumos.core.errors import UnsupportedModelError
 from lumos.core.explanation import Explanation
 from lumos.core.inputs import InputsLike, Structure
-from lumos.core.method import Attribution, Context, Live, Method
+from lumos.core.method import Attribution, Context, Live
 from lumos.core.registry import register
 from lumos.core.targets import TargetLike
 
@@ -37,7 +36,7 @@ _COMPOSITE = Composite(((LINEAR_MODULES, ZPlus(bias=False)), *BASE))
 
 
 @register("excitation_backprop", family="propagation", needs={"gradients"})
-class ExcitationBackprop(Method):
+class ExcitationBackprop(GraphMethod):
     """Excitation backprop: the marginal winning probability of each input, top-down.
 
     Zhang, Bargal, Lin, Brandt, Shen & Sclaroff (2016), "Top-down Neural Attention by Excitation
@@ -63,14 +62,11 @@ class ExcitationBackprop(Method):
         self, model: Callable, *, contrastive: bool = False, batch_size: int | None = None,
         reuse_trace: bool = False,
     ) -> None:  # fmt: skip
-        super().__init__(model, batch_size=batch_size)
+        super().__init__(model, batch_size=batch_size, reuse_trace=reuse_trace)
         self.contrastive = bool(contrastive)
-        self.reuse_trace = bool(reuse_trace)
-        self.traces = TraceCache() if reuse_trace else None  # see `tracing`
 
     def _config(self) -> dict[str, Any]:
-        return {**super()._config(), "contrastive": self.contrastive,
-                "reuse_trace": self.reuse_trace}  # fmt: skip
+        return {**super()._config(), "contrastive": self.contrastive}
 
     def explain(self, inputs: InputsLike, target: TargetLike = "predicted") -> Explanation:
         return self._run(inputs, target)
@@ -80,7 +76,7 @@ class ExcitationBackprop(Method):
 
     def _graph(self) -> tuple[Graph, RuleStrategy]:
         """This call's traced, BatchNorm-merged copy of the model and the z⁺ strategy."""
-        graph = Graph(self.model, self.name, self.traces)
+        graph = self.traced()
         MergeBatchNorm().apply(graph)  # the copy is dropped afterwards: nothing to undo
         return graph, RuleStrategy(_COMPOSITE, self.name)
 

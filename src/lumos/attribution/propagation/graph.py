@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lumos.attribution.propagation.tracing import TraceCache, trace
-from lumos.core.errors import UnsupportedModelError
+from lumos.core.errors import InputError, UnsupportedModelError
+from lumos.core.method import Method
 from lumos.core.model import is_scripted, unwrap_compiled
 
 Tensor = torch.Tensor
@@ -955,6 +956,28 @@ def _post_hooks(module: nn.Module, args: tuple, out: Any, path: str) -> None:
                 f"A forward hook on '{path}' replaces the module's output; propagation methods "
                 "compute their own layer outputs and cannot honour it. Remove the hook."
             )
+
+
+class GraphMethod(Method):
+    """A method that runs the model's traced graph (LRP, DeepLIFT, excitation backprop), with
+    the shared option `reuse_trace`: keep the trace between calls of this explainer while
+    nothing it read has changed (see `tracing`)."""
+
+    def __init__(
+        self, model: Callable, *, batch_size: int | None = None, reuse_trace: bool = False
+    ) -> None:
+        super().__init__(model, batch_size=batch_size)
+        if not isinstance(reuse_trace, bool):
+            raise InputError(f"reuse_trace must be True or False, got {reuse_trace!r}.")
+        self.reuse_trace = reuse_trace
+        self.traces = TraceCache() if reuse_trace else None
+
+    def _config(self) -> dict[str, Any]:
+        return {**super()._config(), "reuse_trace": self.reuse_trace}
+
+    def traced(self) -> Graph:
+        """This call's graph of the model (traced now, or the explainer's kept trace)."""
+        return Graph(self.model, self.name, self.traces)
 
 
 class Strategy:

@@ -16,6 +16,7 @@ from lumos.attribution.propagation.composites import (
 )
 from lumos.attribution.propagation.graph import (
     Graph,
+    GraphMethod,
     IndexedMaxPool,
     Layer,
     Step,
@@ -24,7 +25,6 @@ from lumos.attribution.propagation.graph import (
     weighted_sum,
 )
 from lumos.attribution.propagation.rules import Norm, Pass, propagate
-from lumos.attribution.propagation.tracing import TraceCache
 from lumos.core.batching import chunks
 from lumos.core.errors import GradientError
 from lumos.core.explanation import Explanation
@@ -155,7 +155,7 @@ def total(attributions: Sequence[Tensor]) -> Tensor:
 
 
 @register("lrp", family="propagation", needs={"gradients"})
-class LRP(Method):
+class LRP(GraphMethod):
     """Layer-wise relevance propagation: the target's value redistributed layer by layer.
 
     Bach et al. (2015), "On Pixel-Wise Explanations for Non-Linear Classifier Decisions by
@@ -199,9 +199,7 @@ class LRP(Method):
         batch_size: int | None = None,
         reuse_trace: bool = False,
     ) -> None:
-        super().__init__(model, batch_size=batch_size)
-        self.reuse_trace = bool(reuse_trace)
-        self.traces = TraceCache() if reuse_trace else None  # see `tracing`
+        super().__init__(model, batch_size=batch_size, reuse_trace=reuse_trace)
         params = {"epsilon": epsilon, "gamma": gamma, "low": low, "high": high}
         self.composite = resolve_composite(composite, **params)
         self.composite_name = composite if isinstance(composite, str) else "custom"
@@ -210,8 +208,7 @@ class LRP(Method):
 
     def _config(self) -> dict[str, Any]:
         params = {k: v for k, v in self.params.items() if not isinstance(v, torch.Tensor)}
-        config = {**super()._config(), "composite": self.composite_name, **params}
-        return {**config, "reuse_trace": self.reuse_trace}
+        return {**super()._config(), "composite": self.composite_name, **params}
 
     def explain(self, inputs: InputsLike, target: TargetLike = "predicted") -> Explanation:
         return self._run(inputs, target)
@@ -222,7 +219,7 @@ class LRP(Method):
     def _graph(self) -> tuple[Graph, RuleStrategy]:
         """This call's traced copy of the model, canonized (the copy is dropped afterwards, so
         the canonizers need no undoing), and the strategy applying the composite's rules."""
-        graph = Graph(self.model, self.name, self.traces)
+        graph = self.traced()
         for canonizer in self.canonizers:
             canonizer.apply(graph)
         return graph, RuleStrategy(self.composite, self.name)

@@ -378,10 +378,13 @@ def _leaf(module: nn.Module) -> tuple:
     ])  # fmt: skip
 
 
+_LEAF_RULE = fx.Tracer()
+
+
 def _is_leaf(module: nn.Module) -> bool:
-    """fx's own rule: modules from torch.nn are called, not traced through (but Sequential)."""
-    name = type(module).__module__
-    return name.startswith(("torch.nn", "torch.ao.nn")) and not isinstance(module, nn.Sequential)
+    """Whether fx calls the module rather than tracing through it (fx's own rule, which
+    `_Tracer` keeps: modules from torch.nn, but Sequential)."""
+    return _LEAF_RULE.is_leaf_module(module, "")
 
 
 def trace_key(model: nn.Module) -> tuple:
